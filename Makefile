@@ -1,0 +1,23 @@
+# `make demo` and `make test` are all the set-up a fresh machine needs: each (re)creates
+# .venv from requirements.txt when it is missing or older than requirements.txt.
+VENV := .venv
+PYTHON := $(abspath $(VENV))/bin/python
+STAMP := $(VENV)/.installed-requirements
+
+.PHONY: demo test venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+# Task 1-1, the course recipe: trains, samples DDPM and the DDIM grid, prints the CD tables.
+demo: $(STAMP)
+	cd task1/2d_plot_diffusion_todo && $(PYTHON) run_experiment.py --recipe course --seed 0 --out ../../results/2d_course
+
+# The offline CPU test suite (what CI runs).
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests
