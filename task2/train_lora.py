@@ -1,0 +1,183 @@
+"""LoRA fine-tuning of Stable Diffusion on image-caption pairs (Task 2-1: a visual style).
+
+Only low-rank adapters on the UNet's attention projections train: each adapted weight becomes
+W + B A with A: [r, in] and B: [out, r] (Hu et al., 2021), while the UNet, the VAE and the text
+encoder stay frozen. The loss is the usual noise-prediction MSE in the VAE's latent space:
+
+    z_0 = VAE(x) * scaling_factor,  z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps,
+    loss = || eps - eps_theta(z_t, t, CLIP(caption)) ||^2
+
+Run it through scripts/train_lora.sh (a hub dataset) or scripts/train_lora_custom.sh (an image
+folder), e.g.  cd task2 && sh scripts/train_lora_custom.sh
+The result is OUTPUT_DIR/pytorch_lora_weights.safetensors, which
+StableDiffusionPipeline.load_lora_weights(OUTPUT_DIR) loads.
+"""
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import utils
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data = parser.add_argument_group("data (one of --dataset_name or --train_data_dir)")
+    data.add_argument("--dataset_name", default=None,
+                      help="A dataset on the Hugging Face hub (lambdalabs/naruto-blip-captions) or a local dataset folder.")
+    data.add_argument("--train_data_dir", default=None,
+                      help="An image folder with metadata.jsonl (the datasets 'imagefolder' layout), "
+                           "e.g. sample_data/artistic-custom.")
+    data.add_argument("--image_column", default="image", help="Dataset column holding the images.")
+    data.add_argument("--caption_column", default="text", help="Dataset column holding the captions.")
+    utils.add_common_args(parser)
+    args = parser.parse_args(argv)
+
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        utils.exit_with_error("give exactly one of --dataset_name and --train_data_dir")
+    if args.train_data_dir is not None:
+        folder = Path(args.train_data_dir)
+        if not folder.is_dir():
+            utils.exit_with_error(f"--train_data_dir {folder} is not a folder")
+        if not any(folder.rglob("metadata.jsonl")):
+            utils.exit_with_error(f"--train_data_dir {folder} has no metadata.jsonl with the captions")
+    utils.check_common_args(args)
+    return args
+
+
+def load_captioned_images(args):
+    """The training split as a datasets.Dataset, checked to have the image and caption columns."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if args.train_data_dir is not None:
+            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+        else:
+            dataset = datasets.load_dataset(args.dataset_name, split="train")
+    except Exception as error:  # datasets raises many types for a missing or malformed dataset
+        source = args.train_data_dir or args.dataset_name
+        utils.exit_with_error(f"cannot load the dataset {source}: {str(error).strip().splitlines()[0]}")
+    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        if column not in dataset.column_names:
+            utils.exit_with_error(f"{flag} {column!r} is not a column of the dataset "
+                                  f"(columns: {', '.join(dataset.column_names)})")
+    if len(dataset) == 0:
+        utils.exit_with_error("the dataset has no images")
+    return dataset
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dataset = load_captioned_images(args)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              mixed_precision=args.mixed_precision)
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    # The frozen networks run in the mixed-precision dtype; the trainable LoRA weights stay in fp32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args.pretrained_model_name_or_path,
+                                                                            weight_dtype)
+    for model in (unet, vae, text_encoder):
+        model.to(accelerator.device)
+    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS)
+    cast_training_params(unet, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    lora_parameters = [p for p in unet.parameters() if p.requires_grad]
+    trainable, total = utils.count_parameters([unet, vae, text_encoder])
+    accelerator.print(f"Trainable parameters: {trainable} (LoRA, rank {args.rank}) of {total} "
+                      f"({100 * trainable / total:.2f}%)")
+
+    # Data: caption -> token ids, image -> [3, H, W] in [-1, 1].
+    to_tensor = utils.image_transforms(args.resolution, args.center_crop, args.random_flip)
+
+    def preprocess(examples):
+        captions = [c if isinstance(c, str) else random.choice(c) for c in examples[args.caption_column]]
+        return {"pixel_values": [to_tensor(image.convert("RGB")) for image in examples[args.image_column]],
+                "input_ids": utils.tokenize(tokenizer, captions)}
+
+    def collate(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "input_ids": torch.stack([e["input_ids"] for e in examples])}
+
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset.with_transform(preprocess), batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+        num_workers=args.dataloader_num_workers)
+
+    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    steps_per_epoch, max_train_steps, num_epochs = utils.training_length(args, len(train_dataloader))
+    # accelerate steps a prepared scheduler once per process at each optimizer step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        unet, optimizer, train_dataloader, lr_scheduler)
+    utils.register_lora_checkpoint_hooks(accelerator, unet)
+
+    global_step = utils.resume(accelerator, args)
+    first_epoch = global_step // steps_per_epoch
+    batches_done_in_epoch = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    accelerator.print(f"{len(dataset)} images, {steps_per_epoch} steps per epoch, "
+                      f"training from step {global_step} to {max_train_steps}.")
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        unet.train()
+        batches = train_dataloader
+        if epoch == first_epoch and batches_done_in_epoch > 0:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_done_in_epoch)
+        for batch in batches:
+            with accelerator.accumulate(unet):
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noisy_latents, timesteps, target = utils.noise_and_target(noise_scheduler, latents)
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                loss = utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=lr_scheduler.get_last_lr()[0])
+                if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                    utils.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if global_step >= max_train_steps:
+                    break
+
+        finished = global_step >= max_train_steps
+        if args.validation_prompt and accelerator.is_main_process and (
+                (epoch + 1) % args.validation_epochs == 0 or finished):
+            utils.save_validation_images(args, accelerator, unet, text_encoder, vae, tokenizer, epoch + 1)
+        if finished:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        utils.save_lora_weights(args.output_dir, accelerator.unwrap_model(unet))
+        accelerator.print(f"Finished at step {global_step}: LoRA weights saved to "
+                          f"{Path(args.output_dir) / utils.LORA_WEIGHTS_NAME}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
