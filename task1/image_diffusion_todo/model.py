@@ -144,7 +144,10 @@ def load_checkpoint(file_path) -> dict:
     try:
         checkpoint = torch.load(file_path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Weights only load failed" in str(error):
+            reason = "it is corrupt, or holds pickled Python objects (only config + tensors load, weights_only=True)"
+        else:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"cannot read checkpoint {file_path}: {reason}") from None
     if not isinstance(checkpoint, dict) or not {"config", "state_dict"} <= checkpoint.keys():
         raise CheckpointError(f"{file_path} is not a diffusion checkpoint (no config/state_dict)")

@@ -261,3 +261,13 @@ class DDIMScheduler(BaseScheduler):
             # random noise  (eq. 12, third term)
             x_prev = x_prev + sigma_t * noise
         return x_prev
+
+
+def build_scheduler(config: dict, sample_method: str = "ddpm", ddim_steps: int = 50, eta: float = 0.0) -> BaseScheduler:
+    """A DDPM or DDIM sampler on the noise schedule described by `config` (a scheduler's .config)."""
+    schedule = {key: config[key] for key in ("num_train_timesteps", "beta_1", "beta_T", "mode")}
+    if sample_method == "ddpm":
+        return DDPMScheduler(**schedule, sigma_type=config.get("sigma_type", "small"))
+    if sample_method == "ddim":
+        return DDIMScheduler(**schedule, num_inference_timesteps=ddim_steps, eta=eta)
+    raise ValueError(f"unknown sample method {sample_method!r}; choose ddpm or ddim")

@@ -1,0 +1,218 @@
+"""AFHQ (cat, dog, wild) for training, and the 64x64 evaluation folder for FID.
+
+Any folder in AFHQ's layout works: ROOT/{train,val}/{class}/*.png|jpg, class names = subfolder
+names. Labels are 1 + the class's index in sorted order; 0 is kept for the null class of
+classifier-free guidance.
+
+    python dataset.py                     # download AFHQ if missing, build data/afhq/eval
+    python dataset.py --data_root DIR     # the same for another folder in AFHQ's layout
+"""
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import torch
+import torchvision.transforms as transforms
+from cli import ArgumentParser, run
+from PIL import Image
+from tqdm import tqdm
+
+AFHQ_URL = "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1"
+DEFAULT_ROOT = "data/afhq"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(ValueError):
+    """A data folder that is missing, empty, unreadable, or could not be downloaded."""
+
+
+def listdir(dname):
+    """Image files under dname (recursively), sorted: [Path]."""
+    return sorted(p for p in Path(dname).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def tensor_to_pil_image(x: torch.Tensor, single_image=False):
+    """[B, C, H, W] (or [C, H, W]) in [-1, 1] -> list of PIL images (or one image)."""
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+        single_image = True
+    x = (x * 0.5 + 0.5).clamp(0, 1).detach().cpu().permute(0, 2, 3, 1).numpy()
+    images = [Image.fromarray(image) for image in (x * 255).round().astype("uint8")]
+    return images[0] if single_image else images
+
+
+def get_data_iterator(iterable):
+    """Loop over a DataLoader forever: for step, batch in zip(range(N), get_data_iterator(dl))."""
+    while True:
+        yield from iterable
+
+
+def open_rgb(path) -> Image.Image:
+    """Load an image as RGB; DatasetError naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as error:
+        raise DatasetError(f"unreadable image {path}: {error}") from None
+
+
+def check_readable(path) -> None:
+    """Cheap check (header only) that path is an image PIL can open."""
+    try:
+        with Image.open(path):
+            pass
+    except Exception as error:
+        raise DatasetError(f"unreadable image {path}: {error}") from None
+
+
+class AFHQDataset(torch.utils.data.Dataset):
+    """(image [3, R, R] in [-1, 1], label) pairs from root/split/{class}/*."""
+
+    def __init__(self, root: str, split: str, transform=None, max_num_images_per_cat=-1, label_offset=1):
+        super().__init__()
+        self.root, self.split, self.transform = root, split, transform
+        split_dir = Path(root) / split
+        if not split_dir.is_dir():
+            raise DatasetError(f"no {split}/ folder in {root} (expected {root}/{split}/<class>/*.png|jpg)")
+        categories = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not categories:
+            raise DatasetError(f"no class folders in {split_dir} (expected {split_dir}/<class>/*.png|jpg)")
+        self.categories = categories
+        self.num_classes = len(categories)
+
+        fnames, labels = [], []
+        for idx, category in enumerate(categories):
+            cat_fnames = listdir(split_dir / category)
+            if max_num_images_per_cat > 0:
+                cat_fnames = cat_fnames[:max_num_images_per_cat]
+            fnames += cat_fnames
+            labels += [idx + label_offset] * len(cat_fnames)
+        if not fnames:
+            raise DatasetError(f"no images (*.png, *.jpg) in the class folders of {split_dir}")
+        for fname in fnames:
+            check_readable(fname)
+        self.fnames, self.labels = fnames, labels
+
+    def __getitem__(self, idx):
+        img = open_rgb(self.fnames[idx])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.labels[idx]
+
+    def __len__(self):
+        return len(self.labels)
+
+
+class AFHQDataModule(object):
+    """Train/val datasets and loaders for a folder in AFHQ's layout (root = the folder that
+    holds train/ and val/). val/ is optional for training."""
+
+    def __init__(self, root: str = DEFAULT_ROOT, batch_size: int = 32, num_workers: int = 4,
+                 max_num_images_per_cat: int = -1, image_resolution: int = 64, label_offset=1):
+        self.root = root
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.transform = transforms.Compose([
+            transforms.Resize((image_resolution, image_resolution)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ])
+        self.train_ds = AFHQDataset(root, "train", self.transform, max_num_images_per_cat, label_offset)
+        has_val = (Path(root) / "val").is_dir()
+        self.val_ds = AFHQDataset(root, "val", self.transform, max_num_images_per_cat, label_offset) if has_val else None
+        self.num_classes = self.train_ds.num_classes
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_ds, batch_size=self.batch_size, num_workers=self.num_workers,
+                                           shuffle=True, drop_last=len(self.train_ds) >= self.batch_size)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val_ds, batch_size=self.batch_size, num_workers=self.num_workers,
+                                           shuffle=False, drop_last=False)
+
+
+def download_afhq(dest, url: str = AFHQ_URL, timeout: float = 30.0) -> None:
+    """Download and unzip AFHQ so that dest/{train,val}/{cat,dog,wild} exist.
+
+    Everything goes to temporary names next to dest first: an interrupted download leaves dest
+    untouched. DatasetError (one line) when the download fails, e.g. offline.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".afhq-download-") as tmp:
+        zip_path = Path(tmp) / "afhq.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(zip_path, "wb") as f:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc="downloading AFHQ") as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except Exception as error:
+            raise DatasetError(
+                f"could not download AFHQ from {url} ({error}); if offline, get afhq.zip elsewhere, "
+                f"unzip it and pass its folder as --data_root") from None
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                archive.extractall(tmp)
+        except zipfile.BadZipFile:
+            raise DatasetError(f"the file downloaded from {url} is not a zip archive") from None
+        # the archive holds afhq/{train,val}/...; accept the folders at its top level too
+        candidates = [Path(tmp) / "afhq", Path(tmp)]
+        extracted = next((c for c in candidates if (c / "train").is_dir()), None)
+        if extracted is None:
+            raise DatasetError(f"the archive from {url} has no train/ folder")
+        dest.mkdir(exist_ok=True)
+        for split_dir in extracted.iterdir():
+            if split_dir.is_dir() and split_dir.name in ("train", "val"):
+                os.replace(split_dir, dest / split_dir.name)
+
+
+def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "val") -> int:
+    """Write every image of data_root/split, resized to resolution x resolution (bicubic), as
+    eval_dir/<class>_<name>.png (lossless). Built in a temporary folder and renamed at the end,
+    so eval_dir is either complete or absent. Returns the number of images."""
+    eval_dir = Path(eval_dir)
+    dataset = AFHQDataset(str(data_root), split)
+    eval_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=eval_dir.parent, prefix=f".{eval_dir.name}-tmp-"))
+    try:
+        for fname, label in tqdm(zip(dataset.fnames, dataset.labels), total=len(dataset), desc="eval images"):
+            category = dataset.categories[label - 1]
+            img = open_rgb(fname).resize((resolution, resolution), Image.BICUBIC)
+            img.save(tmp / f"{category}_{fname.stem}.png")
+        os.replace(tmp, eval_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return len(dataset)
+
+
+def main(args):
+    data_root = Path(args.data_root)
+    eval_dir = Path(args.eval_dir) if args.eval_dir else data_root / "eval"
+    if eval_dir.exists() and any(eval_dir.iterdir()):
+        print(f"{eval_dir} already exists ({sum(1 for _ in eval_dir.iterdir())} files); delete it to rebuild")
+        return
+    if not data_root.exists():
+        print(f"{data_root} does not exist: downloading AFHQ")
+        download_afhq(data_root, args.url)
+    num_images = prepare_eval_dir(data_root, eval_dir, args.resolution)
+    print(f"Constructed eval dir at {eval_dir} ({num_images} images, {args.resolution}x{args.resolution})")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Download AFHQ (if missing) and build the FID evaluation folder.")
+    parser.add_argument("--data_root", default=DEFAULT_ROOT,
+                        help="folder in AFHQ's layout: {train,val}/<class>/*.png|jpg (downloaded here if missing)")
+    parser.add_argument("--eval_dir", default=None, help="where to write the eval images (default: DATA_ROOT/eval)")
+    parser.add_argument("--resolution", type=int, default=64, help="eval image size in pixels")
+    parser.add_argument("--url", default=AFHQ_URL, help="where to download afhq.zip from")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run(main, parse_args(), DatasetError)
