@@ -76,7 +76,7 @@ def generate_class_images(args, accelerator):
     dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+            args.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as error:
         utils.exit_with_error(f"cannot load the model {args.pretrained_model_name_or_path!r}: "
                               f"{str(error).strip().splitlines()[0]}")

@@ -167,9 +167,9 @@ def load_models(model_name, dtype=torch.float32):
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model_name, subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(model_name, subfolder="scheduler")
-        text_encoder = CLIPTextModel.from_pretrained(model_name, subfolder="text_encoder", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model_name, subfolder="vae", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(model_name, subfolder="unet", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(model_name, subfolder="text_encoder", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model_name, subfolder="vae", dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(model_name, subfolder="unet", dtype=dtype)
     except (OSError, ValueError) as error:
         exit_with_error(f"cannot load the model {model_name!r}: {str(error).strip().splitlines()[0]}")
     for model in (text_encoder, vae, unet):
@@ -196,31 +196,27 @@ def count_parameters(models):
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def lora_state_dict(unet, text_encoder=None):
-    """LoRA tensors only, keyed ``unet.<module>.lora_A.weight`` etc. (peft's names)."""
+def lora_layers(model):
+    """The LoRA tensors of ``model`` under peft's names (``<module>.lora_A.weight``, ``.lora_B.weight``),
+    fp32 on the CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-    if text_encoder is not None:
-        state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(text_encoder).items()})
-    return state
+    # No embedding layer is adapted; saying so spares peft a look-up of the base model's config.
+    layers = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {name: tensor.detach().float().contiguous().cpu() for name, tensor in layers.items()}
 
 
 def save_lora_weights(folder, unet, text_encoder=None):
-    """Write ``folder/pytorch_lora_weights.safetensors`` atomically, in the layout
-    ``StableDiffusionPipeline.load_lora_weights(folder)`` reads."""
+    """Write ``folder/pytorch_lora_weights.safetensors`` atomically: keys ``unet.<peft name>`` (and
+    ``text_encoder.<peft name>``), the layout ``StableDiffusionPipeline.load_lora_weights(folder)`` reads."""
     from diffusers import StableDiffusionPipeline
 
-    state = lora_state_dict(unet, text_encoder)
-    unet_layers = {k.removeprefix("unet."): v.detach().float().contiguous().cpu()
-                   for k, v in state.items() if k.startswith("unet.")}
-    text_encoder_layers = {k.removeprefix("text_encoder."): v.detach().float().contiguous().cpu()
-                           for k, v in state.items() if k.startswith("text_encoder.")}
     Path(folder).mkdir(parents=True, exist_ok=True)
     tmp_name = f".{LORA_WEIGHTS_NAME}.tmp"
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=unet_layers,
-                                              text_encoder_lora_layers=text_encoder_layers or None,
-                                              weight_name=tmp_name)
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=lora_layers(unet),
+        text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
+        weight_name=tmp_name)
     os.replace(Path(folder) / tmp_name, Path(folder) / LORA_WEIGHTS_NAME)
 
 

@@ -1,16 +1,23 @@
-"""A tiny Stable Diffusion pipeline for the Task 2 tests, built offline.
+"""Task 2 test helpers: a tiny Stable Diffusion pipeline built offline, and running the wrappers.
 
-Same architecture family as Stable Diffusion 1.x (UNet2DConditionModel with cross-attention,
-AutoencoderKL, CLIP text encoder and BPE tokenizer, PNDM scheduler), a few thousand times
-smaller, saved with ``save_pretrained`` so the training scripts load it exactly like
+The pipeline has Stable Diffusion 1.x's architecture family (UNet2DConditionModel with
+cross-attention, AutoencoderKL, CLIP text encoder and BPE tokenizer, PNDM scheduler), a few
+thousand times smaller, saved with ``save_pretrained`` so the training scripts load it exactly like
 ``CompVis/stable-diffusion-v1-4``. Its VAE downsamples by 2, so 32x32 images give 16x16 latents.
 """
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 RESOLUTION = 32
+# Flags every test run adds to a wrapper's own: tiny images, few denoising steps, CPU precision.
+FAST_FLAGS = [f"--resolution={RESOLUTION}", "--num_inference_steps=2", "--num_validation_images=2",
+              "--mixed_precision=no"]
 
 _built: dict[str, Path] = {}
 
@@ -34,7 +41,7 @@ def build_tiny_pipeline(folder: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     _write_tokenizer_files(folder / "tokenizer_files")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer_files", model_max_length=32)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer_files", model_max_length=40)
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -103,14 +110,50 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return _built["model"]
 
 
-def generate(model_dir: Path, lora_dir: Path | None, prompt: str, seed: int = 0) -> torch.Tensor:
-    """Images [1, H, W, 3] in [0, 1] from a stock StableDiffusionPipeline, with a LoRA if given."""
+def load_pipeline(model_dir: Path, lora_dir: Path | None = None):
+    """A stock StableDiffusionPipeline, with ``load_lora_weights(lora_dir)`` when given."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
     pipeline.set_progress_bar_config(disable=True)
     if lora_dir is not None:
         pipeline.load_lora_weights(lora_dir)
+    return pipeline
+
+
+def generate(pipeline, prompt: str, seed: int = 0) -> torch.Tensor:
+    """Images [1, H, W, 3] in [0, 1] for ``prompt`` from a fixed seed."""
     generator = torch.Generator().manual_seed(seed)
     images = pipeline(prompt, num_inference_steps=3, generator=generator, output_type="np").images
     return torch.from_numpy(images)
+
+
+def run_wrapper(script: Path, env: dict, args: list[str], home: Path) -> subprocess.CompletedProcess:
+    """Run a shell wrapper as a student would (``sh scripts/x.sh ARGS``), offline, with a fresh
+    Hugging Face home (no accelerate config file, no cached datasets)."""
+    full_env = dict(os.environ)
+    full_env.update(env)
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env.update(HF_HUB_OFFLINE="1", HF_HOME=str(home))
+    return subprocess.run(["sh", str(script), *args], env=full_env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+
+
+def tree_digest(folder: Path) -> str:
+    """One hash over the names and bytes of every file under ``folder``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def expected_lora_shapes(model: torch.nn.Module, suffixes: list[str], rank: int) -> dict[str, tuple]:
+    """For each nn.Linear of ``model`` whose name ends in one of ``suffixes``: its LoRA tensors
+    ``<name>.lora_A.weight`` [rank, in] and ``<name>.lora_B.weight`` [out, rank]."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
+            shapes[f"{name}.lora_A.weight"] = (rank, module.in_features)
+            shapes[f"{name}.lora_B.weight"] = (module.out_features, rank)
+    return shapes

@@ -1,6 +1,7 @@
 """Draw the sample data sets of Task 2 from code (deterministic: same files on every run).
 
-    cd task2/sample_data && python make_sample_data.py
+    cd task2/sample_data && python make_sample_data.py            # writes next to this script
+    python make_sample_data.py --out DIR                          # writes DIR/artistic-custom, DIR/dreambooth-cat
 
 artistic-custom/train/: four scenes in one recognisable style (flat "paper poster" shapes with
 thick black outlines, a five-colour palette, a concentric-ring sun and halftone dots), plus
@@ -8,8 +9,8 @@ metadata.jsonl with one caption per image. dreambooth-cat/: one cartoon cat (ora
 and paws, green eyes, blue collar with a yellow bell, striped tail) in four poses and places.
 Shapes are drawn at twice the size and downsampled, for smooth edges.
 """
+import argparse
 import json
-import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -247,7 +248,10 @@ def cat_portrait():
 
 
 def main():
-    style_dir = HERE / "artistic-custom" / "train"
+    parser = argparse.ArgumentParser(description="Draw Task 2's sample data sets.")
+    parser.add_argument("--out", type=Path, default=HERE, help="Folder to write into (default: this script's).")
+    out = parser.parse_args().out
+    style_dir = out / "artistic-custom" / "train"
     style_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, draw_scene in enumerate((sailboat, tree, car, bird)):
@@ -256,7 +260,7 @@ def main():
         lines.append(json.dumps({"file_name": f"{i:04d}.png", "text": caption}))
     (style_dir / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
-    cat_dir = HERE / "dreambooth-cat"
+    cat_dir = out / "dreambooth-cat"
     cat_dir.mkdir(parents=True, exist_ok=True)
     for i, draw_scene in enumerate((cat_on_rug, cat_on_grass, cat_by_window, cat_portrait)):
         draw_scene().save(cat_dir / f"cat_{i}.png", optimize=True)
