@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data (one of --dataset_name or --train_data_dir)")
     data.add_argument("--dataset_name", default=None,
-                      help="A dataset on the Hugging Face hub (lambdalabs/naruto-blip-captions) or a local dataset folder.")
+                      help="A Hugging Face hub dataset (lambdalabs/naruto-blip-captions) or a local dataset folder.")
     data.add_argument("--train_data_dir", default=None,
                       help="An image folder with metadata.jsonl (the datasets 'imagefolder' layout), "
                            "e.g. sample_data/artistic-custom.")

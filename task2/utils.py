@@ -71,7 +71,7 @@ def save_image_atomic(image, path):
 def add_common_args(parser: argparse.ArgumentParser):
     """Flags both training scripts take. Defaults follow the diffusers example scripts."""
     parser.add_argument("--pretrained_model_name_or_path", required=True,
-                        help="Stable Diffusion checkpoint: a hub name (CompVis/stable-diffusion-v1-4) or a local folder.")
+                        help="Stable Diffusion: a hub name (CompVis/stable-diffusion-v1-4) or a local folder.")
     parser.add_argument("--output_dir", required=True,
                         help="Where pytorch_lora_weights.safetensors, checkpoint-N/ and validation/ are written.")
     parser.add_argument("--seed", type=int, default=None, help="Random seed for a reproducible run.")
@@ -144,6 +144,9 @@ def check_common_args(args):
         exit_with_error("--mixed_precision=fp16 needs a CUDA GPU; use --mixed_precision=no "
                         "(or MIXED_PRECISION=no for the shell scripts) on a CPU")
 
+    model = args.pretrained_model_name_or_path
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        exit_with_error(f"--pretrained_model_name_or_path {model} is not a folder")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         exit_with_error(f"--output_dir {args.output_dir} exists and is not a folder")
     if args.resume_from_checkpoint not in (None, "latest"):

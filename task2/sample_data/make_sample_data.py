@@ -127,17 +127,19 @@ def bird():
 # dreambooth-cat: the same cat, four poses and places
 # ---------------------------------------------------------------------------------------------
 
-FUR, FUR_DARK, WHITE, EYE, COLLAR, BELL, NOSE = "#e8893a", "#b85c1e", "#fbf6ee", "#3fa34d", "#2b59c3", "#f2c14e", "#e07a8a"
-CAT_INK = "#3a2a20"
+FUR, FUR_DARK, WHITE, CAT_INK = "#e8893a", "#b85c1e", "#fbf6ee", "#3a2a20"
+EYE, COLLAR, BELL, NOSE = "#3fa34d", "#2b59c3", "#f2c14e", "#e07a8a"
 
 
 def cat_head(draw, cx, cy, r):
     """Round head of radius r centred at (cx, cy), facing the viewer."""
     w = 4 * SCALE
     for side in (-1, 1):
-        ear = [cx + side * 0.95 * r, cy - 0.35 * r, cx + side * 0.75 * r, cy - 1.25 * r, cx + side * 0.2 * r, cy - 0.85 * r]
+        ear = [cx + side * 0.95 * r, cy - 0.35 * r, cx + side * 0.75 * r, cy - 1.25 * r,
+               cx + side * 0.2 * r, cy - 0.85 * r]
         draw.polygon(s(*ear), fill=FUR, outline=CAT_INK, width=w)
-        inner = [cx + side * 0.8 * r, cy - 0.5 * r, cx + side * 0.7 * r, cy - 1.0 * r, cx + side * 0.38 * r, cy - 0.8 * r]
+        inner = [cx + side * 0.8 * r, cy - 0.5 * r, cx + side * 0.7 * r, cy - 1.0 * r,
+                 cx + side * 0.38 * r, cy - 0.8 * r]
         draw.polygon(s(*inner), fill=NOSE)
     draw.ellipse(s(cx - r, cy - 0.9 * r, cx + r, cy + 0.9 * r), fill=FUR, outline=CAT_INK, width=w)
     for dx in (-0.25, 0, 0.25):  # forehead stripes
