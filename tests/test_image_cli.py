@@ -1,0 +1,249 @@
+"""Task 1-2 command-line tools end to end: train.py, sampling.py, dataset.py (tiny data, CPU)."""
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import TASK1_IMAGE, load_module
+from PIL import Image
+
+CLASSES = ("cat", "dog", "wild")
+T = 20
+TINY_UNET = ["--image_resolution", "16", "--ch", "32", "--ch_mult", "1", "2", "--num_res_blocks", "1",
+             "--num_diffusion_train_timesteps", str(T), "--batch_size", "4", "--num_workers", "0"]
+SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "num_samples", "seed", "seconds"}
+
+
+def run_cli(script, *args, timeout=300):
+    """Run a course script from inside its folder, as students do; one thread (the CPU is shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=TASK1_IMAGE, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def make_afhq_folder(root, per_class=(6, 2), size=24, seed=0):
+    """root/{train,val}/{cat,dog,wild}/*.png|jpg: random images, a different mean colour per class."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val"), per_class):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 70 * c, 40, (size, size + 4, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / (f"{name}_{i:03d}." + ("jpg" if i % 2 else "png")))
+    return root
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else None
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny class-conditional run: 4 steps, then --resume to 6. Returns (save_dir, outputs)."""
+    tmp = tmp_path_factory.mktemp("train")
+    data = make_afhq_folder(tmp / "afhq")
+    save_dir = tmp / "run"
+    first = run_cli("train.py", "--data_root", data, "--save_dir", save_dir, *TINY_UNET, "--use_cfg",
+                    "--train_num_steps", 4, "--log_interval", 2, "--sample_method", "ddim")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt_after_first = torch.load(save_dir / "last.ckpt", weights_only=True)
+    second = run_cli("train.py", "--data_root", data, "--save_dir", save_dir, *TINY_UNET, "--use_cfg",
+                     "--train_num_steps", 6, "--log_interval", 2, "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return save_dir, data, ckpt_after_first, second
+
+
+def test_train_writes_outputs_and_resumes(trained):
+    save_dir, _, first_ckpt, second = trained
+    assert first_ckpt["train_state"]["step"] == 4
+    assert len(first_ckpt["train_state"]["losses"]) == 4
+    for name in ("config.json", "loss.png", "samples_step0000002.png", "samples_step0000004.png",
+                 "samples_step0000006.png"):
+        assert (save_dir / name).is_file(), name
+    assert Image.open(save_dir / "samples_step0000002.png").size[1] > 16  # a grid of 16x16 samples
+    assert not [p for p in save_dir.iterdir() if p.name.startswith(".tmp")]  # no leftover temporary files
+
+    ckpt = torch.load(save_dir / "last.ckpt", weights_only=True)
+    assert "resuming at step 4" in second.stdout
+    state = ckpt["train_state"]
+    assert state["step"] == 6
+    assert torch.equal(state["losses"][:4], first_ckpt["train_state"]["losses"])  # the history carried on
+    assert len(state["losses"]) == 6
+    assert ckpt["config"]["network"]["use_cfg"] and ckpt["config"]["network"]["num_classes"] == 3
+    assert ckpt["config"]["scheduler"]["num_train_timesteps"] == T
+    # resumed, not restarted: Adam's step counter continued and the weights moved on from step 4
+    adam_steps = [s["step"] for s in state["optimizer"]["state"].values()]
+    assert all(float(s) == 6 for s in adam_steps)
+    changed = [not torch.equal(ckpt["state_dict"][k], first_ckpt["state_dict"][k]) for k in ckpt["state_dict"]]
+    assert any(changed)
+
+
+def sample(ckpt, out, *extra):
+    return run_cli("sampling.py", "--ckpt_path", ckpt, "--save_dir", out, "--num_samples", 3, "--batch_size", 2,
+                   *extra)
+
+
+@pytest.mark.parametrize("method", [["--sample_method", "ddim", "--ddim_steps", 7, "--eta", 0.5, "--use_cfg",
+                                     "--cfg_scale", 3.0],
+                                    ["--sample_method", "ddpm"]])
+def test_sampling_is_deterministic(trained, tmp_path, method):
+    ckpt = trained[0] / "last.ckpt"
+    runs = [sample(ckpt, tmp_path / f"run{i}", *method, "--seed", seed) for i, seed in enumerate((5, 5, 6))]
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-3000:]
+    images = [snapshot(tmp_path / f"run{i}") for i in range(3)]
+    pngs = [{k: v for k, v in imgs.items() if k.endswith(".png")} for imgs in images]
+    assert sorted(pngs[0]) == ["0.png", "1.png", "2.png"]
+    assert pngs[0] == pngs[1]  # same seed, byte-identical images
+    assert pngs[0] != pngs[2]
+    assert Image.open(tmp_path / "run0" / "0.png").size == (16, 16)
+
+    summary = json.loads((tmp_path / "run0" / "sampling.json").read_text())
+    assert set(summary) == SAMPLING_KEYS
+    assert summary["sample_method"] == method[1] and summary["num_samples"] == 3 and summary["seed"] == 5
+    assert summary["ckpt_path"] == str(ckpt)
+    assert 0 < summary["seconds"] < 300
+
+
+@pytest.fixture
+def filled_dir(tmp_path):
+    """An output folder that already holds a result, which a failed run must leave alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "0.png").write_bytes(b"earlier result")
+    return out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sample_method", "ddim", "--ddim_steps", 0], "--ddim_steps"),
+    (["--sample_method", "ddim", "--ddim_steps", T + 1], "--ddim_steps"),
+    (["--sample_method", "ddim", "--eta", -0.5], "--eta"),
+    (["--sample_method", "ddjm"], "ddjm"),
+])
+def test_sampling_rejects_bad_flags(trained, filled_dir, args, needle):
+    before = snapshot(filled_dir)
+    assert_one_line_error(sample(trained[0] / "last.ckpt", filled_dir, *args), needle)
+    assert snapshot(filled_dir) == before
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "truncated"])
+def test_sampling_rejects_bad_checkpoints(trained, filled_dir, tmp_path, kind):
+    ckpt = tmp_path / "bad.ckpt"
+    if kind == "garbage":
+        ckpt.write_bytes(b"\x00 not a checkpoint")
+    elif kind == "truncated":
+        ckpt.write_bytes((trained[0] / "last.ckpt").read_bytes()[:5000])
+    before = snapshot(filled_dir)
+    assert_one_line_error(sample(ckpt, filled_dir), str(ckpt))
+    assert snapshot(filled_dir) == before
+
+
+def train(data, save_dir, *extra):
+    return run_cli("train.py", "--data_root", data, "--save_dir", save_dir, *TINY_UNET, "--train_num_steps", 2,
+                   "--log_interval", 2, *extra)
+
+
+def test_train_rejects_bad_data(tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(train(tmp_path / "nowhere", out), "not found", "nowhere")
+
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    assert_one_line_error(train(empty, out), "no images")
+
+    data = make_afhq_folder(tmp_path / "afhq", per_class=(2, 1))
+    garbage = data / "train" / "dog" / "dog_999.png"
+    garbage.write_bytes(b"this is not a png")
+    assert_one_line_error(train(data, out), "unreadable image", str(garbage))
+    assert not out.exists()  # nothing was written
+
+
+@pytest.mark.parametrize("num_workers", ["0", "1"])
+def test_train_names_an_image_that_fails_to_decode(tmp_path, num_workers):
+    """A truncated file passes the header check; decoding it in a DataLoader (worker) must still give one line."""
+    data = make_afhq_folder(tmp_path / "afhq", per_class=(1, 1), size=64)
+    broken = data / "train" / "cat" / "cat_000.png"
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    broken.write_bytes(buffer.getvalue()[:2000])
+    result = train(data, tmp_path / "out", "--num_workers", num_workers)
+    # training had started, so its progress bar may precede the error; the error is still one line
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    assert "unreadable image" in errors[0] and str(broken) in errors[0]
+    assert not (tmp_path / "out" / "last.ckpt").exists()
+
+
+def test_train_does_not_overwrite_or_resume_nothing(trained, tmp_path):
+    save_dir, data, _, _ = trained
+    before = snapshot(save_dir)
+    assert_one_line_error(train(data, save_dir), "already exists", "--resume")
+    assert_one_line_error(train(data, tmp_path / "fresh", "--resume"), "not found")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "last.ckpt").write_bytes(b"garbage")
+    assert_one_line_error(train(data, corrupt, "--resume"), "cannot read checkpoint")
+    assert_one_line_error(train(data, tmp_path / "x", "--mode", "sigmoid"), "--mode")
+    assert_one_line_error(train(data, tmp_path / "x", "--predictor", "v"), "--predictor")
+    assert snapshot(save_dir) == before
+    assert not (tmp_path / "x").exists()
+
+
+def test_dataset_builds_the_eval_folder(tmp_path):
+    data = make_afhq_folder(tmp_path / "afhq", per_class=(1, 3))
+    result = run_cli("dataset.py", "--data_root", data)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eval_dir = data / "eval"
+    sources = sorted((data / "val").rglob("*.*"))
+    assert sorted(p.name for p in eval_dir.iterdir()) == sorted(f"{p.parent.name}_{p.stem}.png" for p in sources)
+    for source in sources:
+        expected = Image.open(source).convert("RGB").resize((64, 64), Image.BICUBIC)
+        written = Image.open(eval_dir / f"{source.parent.name}_{source.stem}.png")
+        assert written.size == (64, 64) and written.mode == "RGB"
+        assert np.array_equal(np.asarray(written), np.asarray(expected))
+    # a second run keeps what is there
+    before = snapshot(eval_dir)
+    again = run_cli("dataset.py", "--data_root", data)
+    assert again.returncode == 0 and "already exists" in again.stdout
+    assert snapshot(eval_dir) == before
+
+
+def test_dataset_download_offline_is_one_clear_line(tmp_path):
+    dest = tmp_path / "afhq"
+    # nothing listens on port 9 of this machine: the same failure as being offline, without waiting
+    result = run_cli("dataset.py", "--data_root", dest, "--url", "http://127.0.0.1:9/afhq.zip")
+    assert_one_line_error(result, "could not download AFHQ", "--data_root")
+    assert not dest.exists()
+
+
+def test_download_unzips_into_afhq_layout(tmp_path):
+    dataset = load_module(TASK1_IMAGE, "dataset")
+    source = make_afhq_folder(tmp_path / "src" / "afhq", per_class=(1, 1))
+    archive = tmp_path / "afhq.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in source.rglob("*"):
+            zf.write(path, path.relative_to(source.parent))
+    dest = tmp_path / "data" / "afhq"
+    dataset.download_afhq(dest, url=archive.as_uri())
+    assert sorted(p.name for p in (dest / "train").iterdir()) == list(CLASSES)
+    module = dataset.AFHQDataModule(str(dest), batch_size=2, num_workers=0, image_resolution=16)
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.shape == (2, 3, 16, 16) and -1 <= images.min() and images.max() <= 1
+    assert set(module.train_ds.labels) == {1, 2, 3}  # sorted class index + 1; 0 is the null class
+    assert [p.name for p in dest.parent.iterdir()] == ["afhq"]  # no temporary files left
