@@ -14,7 +14,6 @@ base model before training when --class_data_dir has fewer than --num_class_imag
 (Ruiz et al., Eq. 2). Run it through scripts/train_dreambooth_lora.sh; the result is
 OUTPUT_DIR/pytorch_lora_weights.safetensors, which StableDiffusionPipeline.load_lora_weights loads.
 """
-import argparse
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import utils
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("DreamBooth data")
     data.add_argument("--instance_data_dir", required=True, help="Folder with the photos of the subject.")
     data.add_argument("--instance_prompt", required=True,

@@ -12,7 +12,6 @@ folder), e.g.  cd task2 && sh scripts/train_lora_custom.sh
 The result is OUTPUT_DIR/pytorch_lora_weights.safetensors, which
 StableDiffusionPipeline.load_lora_weights(OUTPUT_DIR) loads.
 """
-import argparse
 import random
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import utils
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("data (one of --dataset_name or --train_data_dir)")
     data.add_argument("--dataset_name", default=None,
                       help="A Hugging Face hub dataset (lambdalabs/naruto-blip-captions) or a local dataset folder.")

@@ -50,6 +50,13 @@ def exit_with_error(message):
     sys.exit(1)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, like every other bad input."""
+
+    def error(self, message):
+        exit_with_error(f"{message} (see --help)")
+
+
 def list_images(folder):
     """Image files directly inside ``folder``, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
