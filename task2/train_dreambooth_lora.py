@@ -49,11 +49,14 @@ def parse_args(argv=None):
     if not utils.list_images(instance_dir):
         utils.exit_with_error(f"--instance_data_dir {instance_dir} has no images "
                               f"({', '.join(sorted(utils.IMAGE_EXTENSIONS))})")
+    utils.check_images_readable(instance_dir)
     if args.with_prior_preservation:
         if args.class_data_dir is None or args.class_prompt is None:
             utils.exit_with_error("--with_prior_preservation needs --class_data_dir and --class_prompt")
         if Path(args.class_data_dir).exists() and not Path(args.class_data_dir).is_dir():
             utils.exit_with_error(f"--class_data_dir {args.class_data_dir} is not a folder")
+        if Path(args.class_data_dir).is_dir():
+            utils.check_images_readable(args.class_data_dir)
         if args.num_class_images < 1 or args.sample_batch_size < 1:
             utils.exit_with_error("--num_class_images and --sample_batch_size must be at least 1")
         if args.prior_loss_weight < 0:

@@ -42,6 +42,7 @@ def parse_args(argv=None):
             utils.exit_with_error(f"--train_data_dir {folder} is not a folder")
         if not any(folder.rglob("metadata.jsonl")):
             utils.exit_with_error(f"--train_data_dir {folder} has no metadata.jsonl with the captions")
+        utils.check_images_readable(folder)
     utils.check_common_args(args)
     return args
 

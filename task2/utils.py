@@ -25,6 +25,7 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def seed_everything(seed=2024):
+    """Seed Python, NumPy and PyTorch (CPU and CUDA), and make cuDNN deterministic."""
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -60,6 +61,16 @@ class ArgumentParser(argparse.ArgumentParser):
 def list_images(folder):
     """Image files directly inside ``folder``, sorted by name."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def check_images_readable(folder):
+    """Exit with an error naming the first image file under ``folder`` that PIL cannot read."""
+    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except OSError as error:
+            exit_with_error(f"cannot read the image {path}: {error}")
 
 
 def save_image_atomic(image, path):

@@ -57,6 +57,7 @@ TRAIN_LORA_CASES = {
                              "--pretrained_model_name_or_path {tmp}/nowhere is not a folder"),
     "data folder without metadata.jsonl": ({"--train_data_dir": "{tmp}/empty"},
                                            "--train_data_dir {tmp}/empty has no metadata.jsonl"),
+    "unreadable image": ({}, "cannot read the image {tmp}/data/train/0000.png"),
 }
 
 
@@ -66,6 +67,8 @@ def test_train_lora_rejects_bad_input(case, tiny_model, earlier_run, tmp_path, c
         pytest.skip("fp16 is valid on this machine")
     (tmp_path / "empty").mkdir()
     data = captioned_folder(tmp_path / "data", "caption" if case == "caption column absent" else "text")
+    if case == "unreadable image":
+        (data / "train" / "0000.png").write_bytes(b"not a PNG")
     overrides, expected = TRAIN_LORA_CASES[case]
     args = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(earlier_run),
             "--train_data_dir": str(data), "--resolution": "32", "--mixed_precision": "no"}
@@ -82,7 +85,8 @@ def test_train_lora_rejects_bad_input(case, tiny_model, earlier_run, tmp_path, c
     assert tree_digest(earlier_run) == before
 
 
-@pytest.mark.parametrize("case", ["missing instance folder", "no images", "prior without class prompt", "rank 0"])
+@pytest.mark.parametrize("case", ["missing instance folder", "no images", "unreadable image",
+                                  "prior without class prompt", "rank 0"])
 def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     args = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(earlier_run),
@@ -92,6 +96,7 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, 
     expected = {
         "missing instance folder": f"--instance_data_dir {tmp_path / 'nowhere'} is not a folder",
         "no images": f"--instance_data_dir {tmp_path / 'empty'} has no images",
+        "unreadable image": f"cannot read the image {tmp_path / 'cat' / 'broken.jpg'}",
         "prior without class prompt": "--with_prior_preservation needs --class_data_dir and --class_prompt",
         "rank 0": "--rank must be at least 1, got 0",
     }[case]
@@ -99,6 +104,10 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, 
         args["--instance_data_dir"] = str(tmp_path / "nowhere")
     elif case == "no images":
         args["--instance_data_dir"] = str(tmp_path / "empty")
+    elif case == "unreadable image":
+        shutil.copytree(SAMPLE_CAT, tmp_path / "cat")
+        (tmp_path / "cat" / "broken.jpg").write_bytes(b"not a JPEG")
+        args["--instance_data_dir"] = str(tmp_path / "cat")
     elif case == "prior without class prompt":
         flags = ["--with_prior_preservation", f"--class_data_dir={tmp_path / 'class'}"]
     else:
