@@ -10,8 +10,10 @@ Every step takes the network output for one of three parameterisations (`predict
   mean:  the DDPM posterior mean mu(x_t, x_0) of q(x_{t-1} | x_t, x_0)
 All three are turned into a prediction of x_0 (and of eps) first, then into the update.
 
-The arithmetic is written to agree with diffusers' DDPMScheduler / DDIMScheduler (no clipping,
-`set_alpha_to_one=True`, "leading" timestep spacing) to float32 rounding.
+The arithmetic is written like diffusers' DDPMScheduler / DDIMScheduler (no clipping,
+`set_alpha_to_one=True`, "leading" timestep spacing), so in float32 the two agree bit for bit. Like
+diffusers, float32 loses digits near t = 0 (1 - alpha_bar_t is small there; steps can be off from
+the exact value by ~1e-4): `scheduler.double()` computes every step in float64.
 """
 import math
 from typing import Optional, Union

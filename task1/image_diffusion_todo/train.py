@@ -223,7 +223,8 @@ def parse_args(argv=None):
                         help="folder in AFHQ's layout: {train,val}/<class>/*.png|jpg "
                              f"(AFHQ is downloaded when the default {DEFAULT_ROOT} is missing)")
     parser.add_argument("--save_dir", default=None, help="output folder (default: results/diffusion-<timestamp>)")
-    parser.add_argument("--resume", action="store_true", help="continue training from SAVE_DIR/last.ckpt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training from SAVE_DIR/last.ckpt (model and noise schedule come from it)")
     parser.add_argument("--ch", type=int, default=128, help="UNet base channels")
     parser.add_argument("--ch_mult", type=int, nargs="+", default=[1, 2, 2, 2],
                         help="UNet channel multiplier per resolution level")
