@@ -1,0 +1,408 @@
+"""fid/inception.py, fid/measure_fid.py and fid/train_classifier.py.
+
+References: the course checkpoint's key/shape list (tests/fixtures, a copy of the spec), torchvision's
+Inception-v3 (same layers, other names), the closed form of the Frechet distance where sqrtm is
+exact, and an eigendecomposition-based formula for the general case.
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TASK1_FID, TASK1_IMAGE, load_module
+
+SPEC = Path(__file__).resolve().parent / "fixtures" / "afhq_inception_v3_state_dict.json"
+
+
+@pytest.fixture(scope="module")
+def inception():
+    return load_module(TASK1_FID, "inception")
+
+
+@pytest.fixture(scope="module")
+def measure_fid():
+    return load_module(TASK1_FID, "measure_fid")
+
+
+def random_inception(inception, seed=0, img_size=75):
+    """A randomly initialised network whose batch-norm statistics are those of random inputs,
+    so that its features are O(1) (default running statistics let activations grow ~1e5x)."""
+    torch.manual_seed(seed)
+    model = inception.InceptionV3()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average: running stats = this batch's stats
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, img_size, img_size) * 2 - 1)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- the network
+
+def test_state_dict_matches_the_course_checkpoint_key_for_key(inception):
+    spec = json.loads(SPEC.read_text())["state_dict"]
+    ours = {key: list(value.shape) for key, value in inception.InceptionV3().state_dict().items()}
+    assert len(ours) == 566
+    assert list(ours) == list(spec)
+    assert ours == spec
+
+
+def test_a_plain_state_dict_loads_strictly_with_weights_only(inception, measure_fid, tmp_path):
+    model = random_inception(inception)
+    path = tmp_path / "afhq_inception_v3.ckpt"
+    torch.save(model.state_dict(), path)  # the course's format: a plain state_dict
+    loaded = measure_fid.load_inception(path, "cpu")
+    assert not loaded.training and not loaded.for_train
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+TORCHVISION_TO_COURSE = {
+    "Conv2d_1a_3x3": "block1.0", "Conv2d_2a_3x3": "block1.1", "Conv2d_2b_3x3": "block1.2",
+    "Conv2d_3b_1x1": "block2.0", "Conv2d_4a_3x3": "block2.1",
+    **{f"Mixed_{name}": f"block3.{i}" for i, name in enumerate(["5b", "5c", "5d", "6a", "6b", "6c", "6d", "6e"])},
+    **{f"Mixed_{name}": f"block4.{i}" for i, name in enumerate(["7a", "7b", "7c"])},
+    "fc": "final_fc",
+}
+
+
+def test_forward_is_torchvision_inception_v3(inception):
+    """The course built its network from torchvision's Inception-v3 modules: with the same
+    weights, our features equal torchvision's pooled output and our logits its fc output."""
+    from torchvision.models.inception import Inception3
+
+    torch.manual_seed(1)
+    reference = Inception3(num_classes=3, aux_logits=False, init_weights=True)
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        reference.train()(torch.rand(8, 3, 80, 80) * 2 - 1)
+    reference.eval()
+    state_dict = {}
+    for key, value in reference.state_dict().items():
+        prefix, rest = key.split(".", 1)
+        state_dict[f"{TORCHVISION_TO_COURSE[prefix]}.{rest}"] = value
+    ours = inception.InceptionV3(for_train=True)
+    ours.load_state_dict(state_dict, strict=True)
+    ours.eval()
+
+    pooled = {}
+    reference.avgpool.register_forward_hook(lambda module, args, output: pooled.update(x=output))
+    x = torch.rand(3, 3, 75, 75) * 2 - 1  # 75: the smallest size Inception-v3 takes
+    with torch.no_grad():
+        reference_logits = reference(x)
+        logits, features = ours(x), ours.features(x)
+    assert features.shape == (3, 2048)
+    torch.testing.assert_close(features, pooled["x"].flatten(1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- the Frechet distance
+
+def random_spd(rng, d):
+    a = rng.standard_normal((d, 2 * d))
+    return a @ a.T / (2 * d) + 0.1 * np.eye(d)
+
+
+def test_frechet_distance_closed_form_diagonal(measure_fid):
+    """Diagonal covariances: sqrtm(S1 S2) = diag(sqrt(s1 s2)), so
+    d^2 = |mu1 - mu2|^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2."""
+    rng = np.random.default_rng(0)
+    d = 64
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    got = measure_fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_closed_form_commuting(measure_fid):
+    """Covariances with a common eigenbasis Q: S = Q diag(s) Q^T, same closed form."""
+    rng = np.random.default_rng(1)
+    d = 64
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    s1, s2 = rng.uniform(0.1, 3, d), rng.uniform(0.1, 3, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    sigma1, sigma2 = q @ np.diag(s1) @ q.T, q @ np.diag(s2) @ q.T
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(s1) - np.sqrt(s2)) ** 2)
+    assert measure_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+
+
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr((S1 S2)^{1/2}) = sum sqrt(eig(S1^{1/2} S2 S1^{1/2})): S1 S2 is similar to that
+    symmetric PSD matrix, so only symmetric eigendecompositions are needed."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum()
+
+
+def test_frechet_distance_general_covariances(measure_fid):
+    rng = np.random.default_rng(2)
+    d = 64
+    sigma1, sigma2 = random_spd(rng, d), random_spd(rng, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                - 2 * trace_sqrt_product(sigma1, sigma2))
+    assert measure_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero(measure_fid):
+    """Fewer samples than dimensions (as with 500 images and 2048 features): singular covariance."""
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((40, 256)) * rng.uniform(0.5, 2, 256)
+    mu, sigma = measure_fid.feature_statistics(features)
+    assert abs(measure_fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6 * np.trace(sigma)
+    shifted = measure_fid.feature_statistics(features + 0.5)
+    assert measure_fid.frechet_distance(mu, sigma, *shifted) == pytest.approx(0.25 * 256, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+def write_images(folder, colours, size=24, seed=0):
+    """One PNG per colour: a square of that colour with noise, on a grey background."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, colour in enumerate(colours):
+        image = np.full((size, size, 3), 128, dtype=np.float64)
+        image[4:4 + size // 2, 4:4 + size // 2] = colour
+        image += rng.normal(0, 20, image.shape)
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, inception):
+    root = tmp_path_factory.mktemp("fid_cli")
+    rng = np.random.default_rng(0)
+    write_images(root / "a", rng.integers(0, 256, (12, 3)), seed=1)
+    write_images(root / "b" / "nested", rng.integers(0, 128, (12, 3)) * [2, 0, 0], seed=2)
+    model = random_inception(inception)
+    torch.save(model.state_dict(), root / "random.ckpt")
+    return root
+
+
+def run_cli(python_exe, *args):
+    return subprocess.run([python_exe, "measure_fid.py", *map(str, args)], cwd=TASK1_FID,
+                          capture_output=True, text=True, timeout=300)
+
+
+def parse_fid(stdout):
+    match = re.search(r"^FID: (\S+)$", stdout, re.MULTILINE)
+    assert match, stdout
+    return float(match.group(1))
+
+
+def reference_features(model, folder, size):
+    """Features computed without measure_fid: PIL bilinear resize, [-1, 1], the network."""
+    arrays = []
+    for path in sorted(Path(folder).rglob("*.png")):
+        image = Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return model(x).double().numpy()
+
+
+@pytest.fixture(scope="module")
+def fid_a_b(folders):
+    """The CLI's FID between folders a and b (b's images are in a sub-folder)."""
+    result = run_cli(sys.executable, folders / "a", folders / "b", "--ckpt",
+                     folders / "random.ckpt", "--img_size", 75, "--batch_size", 5)
+    assert result.returncode == 0, result.stderr
+    return parse_fid(result.stdout)
+
+
+def test_cli_matches_an_independent_computation(fid_a_b, folders, inception):
+    fid = fid_a_b
+
+    model = inception.InceptionV3()
+    model.load_state_dict(torch.load(folders / "random.ckpt", weights_only=True))
+    model.eval()
+    f_a = reference_features(model, folders / "a", 75)
+    f_b = reference_features(model, folders / "b", 75)
+    mu_a, mu_b = f_a.mean(0), f_b.mean(0)
+    sigma_a, sigma_b = np.cov(f_a, rowvar=False), np.cov(f_b, rowvar=False)
+    expected = (np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b)
+                - 2 * trace_sqrt_product(sigma_a, sigma_b))
+    assert fid > 0
+    assert fid == pytest.approx(expected, rel=1e-3)
+
+
+def test_fid_of_a_folder_with_itself_is_zero(measure_fid, folders, fid_a_b, capsys):
+    measure_fid.main([str(folders / "a"), str(folders / "a"), "--ckpt", str(folders / "random.ckpt"),
+                      "--img_size", "75", "--device", "cpu"])
+    assert abs(parse_fid(capsys.readouterr().out)) < 1e-6 * fid_a_b
+
+
+def assert_one_line_error(returncode, stderr, *fragments):
+    assert returncode != 0
+    assert "Traceback" not in stderr
+    message = stderr.strip()
+    assert message and "\n" not in message, stderr
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def main_error(module, argv, capsys):
+    """Run a CLI's main(argv) in this process; (exit status, stderr) of its failure."""
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([str(arg) for arg in argv])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_cli_unreadable_image_is_named_in_one_line(python_exe, folders, tmp_path):
+    broken = tmp_path / "broken"
+    write_images(broken, [(10, 20, 30), (40, 50, 60)])
+    (broken / "002.png").write_bytes(b"\x89PNG garbage")
+    result = run_cli(python_exe, folders / "a", broken, "--ckpt", folders / "random.ckpt",
+                     "--img_size", 75)
+    assert_one_line_error(result.returncode, result.stderr, "002.png")
+
+
+def test_missing_checkpoint_says_where_to_put_it(measure_fid, folders, capsys):
+    code, err = main_error(measure_fid, [folders / "a", folders / "b", "--ckpt", folders / "absent.ckpt"], capsys)
+    assert_one_line_error(code, err, "absent.ckpt", "afhq_inception_v3.ckpt", "not found")
+    # without --ckpt: the course's place, next to measure_fid.py
+    if not measure_fid.DEFAULT_CKPT.exists():
+        code, err = main_error(measure_fid, [folders / "a", folders / "b"], capsys)
+        assert_one_line_error(code, err, str(TASK1_FID / "afhq_inception_v3.ckpt"))
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", "wrong keys", "wrong shapes"])
+def test_corrupt_or_foreign_checkpoint(measure_fid, folders, tmp_path, capsys, content):
+    path = tmp_path / "bad.ckpt"
+    if content == "wrong keys":
+        torch.save({"final_fc.weight": torch.zeros(3, 2048), "other": torch.zeros(1)}, path)
+    elif content == "wrong shapes":
+        state_dict = torch.load(folders / "random.ckpt", weights_only=True)
+        state_dict["block1.0.conv.weight"] = torch.zeros(32, 3, 5, 5)
+        torch.save(state_dict, path)
+    else:
+        path.write_bytes(content)
+    code, err = main_error(measure_fid, [folders / "a", folders / "b", "--ckpt", path], capsys)
+    assert_one_line_error(code, err, "bad.ckpt")
+
+
+def test_bad_folders_and_sizes(measure_fid, folders, tmp_path, capsys):
+    ckpt = folders / "random.ckpt"
+    code, err = main_error(measure_fid, [tmp_path / "missing", folders / "a", "--ckpt", ckpt], capsys)
+    assert_one_line_error(code, err, "missing")
+    (tmp_path / "empty").mkdir()
+    code, err = main_error(measure_fid, [folders / "a", tmp_path / "empty", "--ckpt", ckpt], capsys)
+    assert_one_line_error(code, err, "empty")
+    code, err = main_error(measure_fid, [folders / "a", folders / "b", "--ckpt", ckpt, "--img_size", 64], capsys)
+    assert_one_line_error(code, err, "75")
+
+
+# ------------------------------------------------------------------- train_classifier.py
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    standin_dataset = load_module(TASK1_IMAGE, "standin_dataset")
+    root = tmp_path_factory.mktemp("standin") / "data"
+    standin_dataset.build(root, num_train_per_class=8, num_val_per_class=4, image_size=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_classifier():
+    return load_module(TASK1_FID, "train_classifier")
+
+
+def test_train_classifier_writes_a_checkpoint_measure_fid_loads(train_classifier, standin, tmp_path,
+                                                                 inception, measure_fid):
+    out = tmp_path / "classifier.ckpt"
+    train_classifier.main(["--data_root", str(standin), "--out", str(out), "--img_size", "75",
+                           "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
+                           "--device", "cpu"])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["classes"] == ["circle", "square", "triangle"]
+    assert report["num_train_images"] == 24 and report["num_val_images"] == 12
+
+    measure_fid.load_inception(out, "cpu")  # strict load of the plain state_dict
+    # the reported accuracy is the saved network's accuracy on the validation split
+    classifier = inception.InceptionV3(for_train=True)
+    classifier.load_state_dict(torch.load(out, weights_only=True))
+    classifier.eval()
+    transform = measure_fid.image_transform(75)
+    correct = 0
+    for label, name in enumerate(report["classes"]):
+        files = sorted((standin / "val" / name).glob("*.png"))
+        x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
+        with torch.no_grad():
+            correct += (classifier(x).argmax(-1) == label).sum().item()
+    assert report["val_accuracy"] == pytest.approx(correct / 12)
+
+
+def png_that_verifies_but_cannot_be_decoded(path):
+    """A PNG whose chunk checksums are right (PIL's verify() passes) but whose pixel data is
+    not zlib data, so decoding it fails."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, format="PNG")
+    data, out, position = buffer.getvalue(), bytearray(buffer.getvalue()[:8]), 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        payload = data[position + 8:position + 8 + length]
+        if kind == b"IDAT":
+            payload = b"certainly not zlib data"
+        out += struct.pack(">I4s", len(payload), kind) + payload
+        out += struct.pack(">I", zlib.crc32(kind + payload))
+        position += 12 + length
+    path.write_bytes(bytes(out))
+
+
+def test_train_classifier_bad_input(python_exe, train_classifier, tmp_path, capsys):
+    common = ["--out", tmp_path / "c.ckpt", "--img_size", "75", "--epochs", "1",
+              "--batch_size", "4", "--device", "cpu", "--num_workers", "0"]
+    code, err = main_error(train_classifier, ["--data_root", tmp_path / "nowhere", *common], capsys)
+    assert_one_line_error(code, err, "nowhere")
+
+    broken = tmp_path / "broken"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            write_images(broken / split / name, [(10, 20, 30)] * 4)
+    (broken / "train" / "b" / "001.png").write_bytes(b"garbage")
+    code, err = main_error(train_classifier, ["--data_root", broken, *common], capsys)
+    assert_one_line_error(code, err, "001.png")
+
+    # A file that only fails when decoded, in a DataLoader worker: training has started (its
+    # progress bars are on stderr), and the run ends with one line naming the file.
+    write_images(broken / "train" / "b", [(10, 20, 30)] * 4)
+    png_that_verifies_but_cannot_be_decoded(broken / "train" / "b" / "002.png")
+    result = subprocess.run(
+        [python_exe, "train_classifier.py", "--data_root", broken, *map(str, common[:-1]), "2"],
+        cwd=TASK1_FID, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "002.png" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c.ckpt").exists()
+
+
+# ---------------------------------------------------------------------- the stand-in data
+
+def test_standin_dataset_is_deterministic_and_in_afhq_layout(tmp_path):
+    standin_dataset = load_module(TASK1_IMAGE, "standin_dataset")
+    first, second = tmp_path / "one", tmp_path / "two"
+    standin_dataset.build(first, 5, 3, image_size=16, seed=7)
+    standin_dataset.build(second, 5, 3, image_size=16, seed=7)
+    files = sorted(p.relative_to(first) for p in first.rglob("*.png"))
+    assert len(files) == 3 * (5 + 3)
+    assert {p.parts[:2] for p in files} == {(s, c) for s in ("train", "val")
+                                            for c in ("circle", "square", "triangle")}
+    for relative in files:
+        assert (first / relative).read_bytes() == (second / relative).read_bytes()
+        assert Image.open(first / relative).size == (16, 16)
+    # another seed gives other images; building again with the same arguments is a no-op
+    standin_dataset.build(first, 5, 3, image_size=16, seed=7)
+    with pytest.raises(FileExistsError):
+        standin_dataset.build(first, 5, 3, image_size=16, seed=8)
+    standin_dataset.build(tmp_path / "three", 5, 3, image_size=16, seed=8)
+    assert (tmp_path / "three" / files[0]).read_bytes() != (first / files[0]).read_bytes()
