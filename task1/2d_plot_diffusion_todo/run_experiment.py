@@ -32,11 +32,11 @@ NUM_TARGET_POINTS = 1_000_000  # the course's target set; its first NUM_EVAL_SAM
 NUM_EVAL_SAMPLES = 2048
 DDIM_STEPS = [10, 20, 50, 100, 1000]
 DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
-# Each sampler is timed over repeats until this many steps ran (a 10-step call alone is too short
-# to time), and at least MIN_TIMED_REPEATS times; the median call is reported.
-MIN_TIMED_NETWORK_CALLS = 3000
-MIN_TIMED_REPEATS = 3
-
+# Sampling times are medians over TIMING_ROUNDS interleaved rounds (every sampler once per round,
+# so a change of machine load mid-run affects all alike); within a round a sampler with few steps
+# is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
+TIMING_ROUNDS = 3
+MIN_TIMED_STEPS = 1000
 
 @dataclass
 class Recipe:
@@ -156,38 +156,46 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sample_and_time(sample_fn, num_steps: int, device, seed: int):
-    """Samples from one seeded call of sample_fn, and the median time of a call over repeats."""
-    seconds = []
-    for repeat in range(max(MIN_TIMED_REPEATS, math.ceil(MIN_TIMED_NETWORK_CALLS / num_steps))):
-        torch.manual_seed(seed)
-        synchronize(device)
-        start = time.perf_counter()
-        result = sample_fn()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-        if repeat == 0:
-            samples = result.cpu()
-    return samples, statistics.median(seconds)
+def time_samplers(samplers: dict, device, progress: bool = True) -> dict:
+    """{key: (sample_fn, num_steps)} -> {key: median seconds per call of sample_fn}."""
+    seconds = {key: [] for key in samplers}
+    for _ in tqdm(range(TIMING_ROUNDS), desc="timing rounds", disable=not progress):
+        for key, (sample_fn, num_steps) in samplers.items():
+            calls = math.ceil(MIN_TIMED_STEPS / num_steps)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                sample_fn()
+            synchronize(device)
+            seconds[key].append((time.perf_counter() - start) / calls)
+    return {key: statistics.median(values) for key, values in seconds.items()}
 
 
 def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True):
-    """CD against reference [N, 2] and time of DDPM and of every DDIM (steps, eta); also the samples."""
+    """CD against reference [N, 2] and time of DDPM and of every DDIM (steps, eta); also the samples.
+
+    Every sampler starts from the same seed, so all of them share x_T.
+    """
     device = model.device
     shape = tuple(reference.shape)
-    samples = {}
-    ddpm_points, ddpm_seconds = sample_and_time(lambda: model.p_sample_loop(shape), NUM_TRAIN_TIMESTEPS, device, args.seed)
-    samples["ddpm"] = ddpm_points
-    ddpm = {"cd": chamfer_distance(ddpm_points, reference), "seconds": ddpm_seconds}
+    samplers = {"ddpm": (lambda: model.p_sample_loop(shape), NUM_TRAIN_TIMESTEPS)}
+    for eta in args.etas:
+        for steps in args.ddim_steps:
+            samplers[(steps, eta)] = (
+                lambda steps=steps, eta=eta: model.ddim_p_sample_loop(shape, num_inference_timesteps=steps, eta=eta),
+                steps,
+            )
 
-    ddim = []
-    settings = [(steps, eta) for eta in args.etas for steps in args.ddim_steps]
-    for steps, eta in tqdm(settings, desc="DDIM grid", disable=not progress):
-        points, seconds = sample_and_time(
-            lambda: model.ddim_p_sample_loop(shape, num_inference_timesteps=steps, eta=eta), steps, device, args.seed
-        )
-        samples[(steps, eta)] = points
-        ddim.append({"steps": steps, "eta": eta, "cd": chamfer_distance(points, reference), "seconds": seconds})
+    samples, cds = {}, {}
+    for key, (sample_fn, _) in tqdm(samplers.items(), desc="sampling", disable=not progress):
+        torch.manual_seed(args.seed)
+        samples[key] = sample_fn().cpu()
+        cds[key] = chamfer_distance(samples[key], reference)
+    seconds = time_samplers(samplers, device, progress)
+
+    ddpm = {"cd": cds["ddpm"], "seconds": seconds["ddpm"]}
+    ddim = [{"steps": steps, "eta": eta, "cd": cds[(steps, eta)], "seconds": seconds[(steps, eta)]}
+            for eta in args.etas for steps in args.ddim_steps]
     return ddpm, ddim, samples
 
 
@@ -254,7 +262,7 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     cds = {(row["steps"], row["eta"]): row["cd"] for row in results["ddim"]}
     panels = [("ddpm", f"DDPM 1000 steps\nCD {results['ddpm']['cd']:.2f}")]
     panels += [((s, etas[0]), f"DDIM {s} steps, eta {etas[0]}\nCD {cds[(s, etas[0])]:.2f}") for s in steps]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgray", label="target")
         ax.scatter(samples[key][:, 0], samples[key][:, 1], s=2, c="tab:blue", label="samples")
