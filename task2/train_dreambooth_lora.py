@@ -140,7 +140,6 @@ def main(argv=None):
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -151,12 +150,8 @@ def main(argv=None):
         generate_class_images(args, accelerator)
     accelerator.wait_for_everyone()
 
-    # The frozen networks run in the mixed-precision dtype; the trainable LoRA weights stay in fp32.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args.pretrained_model_name_or_path,
-                                                                            weight_dtype)
-    for model in (unet, vae, text_encoder):
-        model.to(accelerator.device)
+                                                                            accelerator)
     utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS)
     trained_models = [unet]
     if args.train_text_encoder:
@@ -186,85 +181,22 @@ def main(argv=None):
                                                    collate_fn=collate, num_workers=args.dataloader_num_workers)
 
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    steps_per_epoch, max_train_steps, num_epochs = utils.training_length(args, len(train_dataloader))
-    # accelerate steps a prepared scheduler once per process at each optimizer step.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    if args.train_text_encoder:
-        unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, train_dataloader, lr_scheduler)
-    else:
-        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-            unet, optimizer, train_dataloader, lr_scheduler)
-    utils.register_lora_checkpoint_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
 
-    global_step = utils.resume(accelerator, args)
-    first_epoch = global_step // steps_per_epoch
-    batches_done_in_epoch = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-    accelerator.print(f"{steps_per_epoch} steps per epoch, training from step {global_step} to {max_train_steps}.")
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)
+    def compute_loss(model_pred, target, timesteps):
+        """Instance loss + prior_loss_weight * class loss (Ruiz et al., Eq. 2), each the noise-prediction
+        MSE of train_lora.py. model_pred, target: [B, 4, h, w]; timesteps: [B]; with prior preservation
+        the first half of the batch is instance examples, the second half class examples (see collate)."""
+        if not args.with_prior_preservation:
+            return utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
+        pred, prior_pred = model_pred.chunk(2)
+        target, prior_target = target.chunk(2)
+        timesteps, prior_timesteps = timesteps.chunk(2)
+        instance_loss = utils.diffusion_loss(pred, target, timesteps, noise_scheduler, args.snr_gamma)
+        prior_loss = utils.diffusion_loss(prior_pred, prior_target, prior_timesteps, noise_scheduler, args.snr_gamma)
+        return instance_loss + args.prior_loss_weight * prior_loss
 
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        unet.train()
-        if args.train_text_encoder:
-            text_encoder.train()
-        batches = train_dataloader
-        if epoch == first_epoch and batches_done_in_epoch > 0:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_done_in_epoch)
-        for batch in batches:
-            with accelerator.accumulate(*[unet, text_encoder] if args.train_text_encoder else [unet]):
-                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-                latents = latents * vae.config.scaling_factor
-                noisy_latents, timesteps, target = utils.noise_and_target(noise_scheduler, latents)
-                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-
-                if args.with_prior_preservation:
-                    # The batch is [instance examples; class examples] (see collate).
-                    pred, prior_pred = model_pred.chunk(2)
-                    target, prior_target = target.chunk(2)
-                    timesteps, prior_timesteps = timesteps.chunk(2)
-                    prior_loss = utils.diffusion_loss(prior_pred, prior_target, prior_timesteps, noise_scheduler,
-                                                      args.snr_gamma)
-                    loss = (utils.diffusion_loss(pred, target, timesteps, noise_scheduler, args.snr_gamma)
-                            + args.prior_loss_weight * prior_loss)
-                else:
-                    loss = utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
-
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-
-            if accelerator.sync_gradients:
-                global_step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=lr_scheduler.get_last_lr()[0])
-                if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                    utils.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                if global_step >= max_train_steps:
-                    break
-
-        finished = global_step >= max_train_steps
-        if args.validation_prompt and accelerator.is_main_process and (
-                (epoch + 1) % args.validation_epochs == 0 or finished):
-            utils.save_validation_images(args, accelerator, unet, text_encoder, vae, tokenizer, epoch + 1)
-        if finished:
-            break
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        utils.save_lora_weights(args.output_dir, accelerator.unwrap_model(unet),
-                                accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None)
-        accelerator.print(f"Finished at step {global_step}: LoRA weights saved to "
-                          f"{Path(args.output_dir) / utils.LORA_WEIGHTS_NAME}")
-    accelerator.end_training()
+    utils.train(args, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler, train_dataloader, optimizer,
+                compute_loss, train_text_encoder=args.train_text_encoder)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import random
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 import utils
 
@@ -75,7 +74,6 @@ def main(argv=None):
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -83,12 +81,8 @@ def main(argv=None):
     if args.seed is not None:
         set_seed(args.seed)
 
-    # The frozen networks run in the mixed-precision dtype; the trainable LoRA weights stay in fp32.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args.pretrained_model_name_or_path,
-                                                                            weight_dtype)
-    for model in (unet, vae, text_encoder):
-        model.to(accelerator.device)
+                                                                            accelerator)
     utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS)
     cast_training_params(unet, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -115,68 +109,15 @@ def main(argv=None):
         num_workers=args.dataloader_num_workers)
 
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    steps_per_epoch, max_train_steps, num_epochs = utils.training_length(args, len(train_dataloader))
-    # accelerate steps a prepared scheduler once per process at each optimizer step.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler)
-    utils.register_lora_checkpoint_hooks(accelerator, unet)
 
-    global_step = utils.resume(accelerator, args)
-    first_epoch = global_step // steps_per_epoch
-    batches_done_in_epoch = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-    accelerator.print(f"{len(dataset)} images, {steps_per_epoch} steps per epoch, "
-                      f"training from step {global_step} to {max_train_steps}.")
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)
+    def compute_loss(model_pred, target, timesteps):
+        """|| eps - eps_theta(z_t, t, CLIP(caption)) ||^2 averaged over the batch (Min-SNR weighted with
+        --snr_gamma). model_pred, target: [B, 4, h, w]; timesteps: [B]."""
+        return utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
 
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= max_train_steps:
-            break
-        unet.train()
-        batches = train_dataloader
-        if epoch == first_epoch and batches_done_in_epoch > 0:
-            batches = accelerator.skip_first_batches(train_dataloader, batches_done_in_epoch)
-        for batch in batches:
-            with accelerator.accumulate(unet):
-                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample()
-                latents = latents * vae.config.scaling_factor
-                noisy_latents, timesteps, target = utils.noise_and_target(noise_scheduler, latents)
-                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                loss = utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
-
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-
-            if accelerator.sync_gradients:
-                global_step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}", lr=lr_scheduler.get_last_lr()[0])
-                if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
-                    utils.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                if global_step >= max_train_steps:
-                    break
-
-        finished = global_step >= max_train_steps
-        if args.validation_prompt and accelerator.is_main_process and (
-                (epoch + 1) % args.validation_epochs == 0 or finished):
-            utils.save_validation_images(args, accelerator, unet, text_encoder, vae, tokenizer, epoch + 1)
-        if finished:
-            break
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        utils.save_lora_weights(args.output_dir, accelerator.unwrap_model(unet))
-        accelerator.print(f"Finished at step {global_step}: LoRA weights saved to "
-                          f"{Path(args.output_dir) / utils.LORA_WEIGHTS_NAME}")
-    accelerator.end_training()
+    accelerator.print(f"Training on {len(dataset)} images.")
+    utils.train(args, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler, train_dataloader, optimizer,
+                compute_loss)
 
 
 if __name__ == "__main__":

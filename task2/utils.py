@@ -1,8 +1,8 @@
 """Helpers shared by train_lora.py, train_dreambooth_lora.py and lora_inference.ipynb.
 
-The two training scripts differ only in their data; everything else they share lives here:
-the common command-line flags and their checks, model loading, LoRA injection and saving,
-the noise-prediction loss, checkpoints and validation images.
+The two training scripts differ only in their data and their loss; everything else they share
+lives here: the common command-line flags and their checks, model loading, LoRA injection and
+saving, the noise-prediction loss, checkpoints, validation images and the training loop itself.
 """
 import argparse
 import math
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -179,12 +180,14 @@ def check_common_args(args):
 # ---------------------------------------------------------------------------------------------
 
 
-def load_models(model_name, dtype=torch.float32):
+def load_models(model_name, accelerator):
     """Tokenizer, training noise scheduler, and the three networks of a Stable Diffusion checkpoint,
-    frozen, in ``dtype``."""
+    frozen, on the accelerator's device."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    # The frozen networks run in the mixed-precision dtype; the trainable LoRA weights, added later, stay in fp32.
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(model_name, subfolder="tokenizer")
         noise_scheduler = DDPMScheduler.from_pretrained(model_name, subfolder="scheduler")
@@ -195,6 +198,7 @@ def load_models(model_name, dtype=torch.float32):
         exit_with_error(f"cannot load the model {model_name!r}: {str(error).strip().splitlines()[0]}")
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
+        model.to(accelerator.device)
     return tokenizer, noise_scheduler, text_encoder, vae, unet
 
 
@@ -429,3 +433,95 @@ def save_validation_images(args, accelerator, unet, text_encoder, vae, tokenizer
     path = folder / f"epoch_{epoch:04d}.png"
     save_image_atomic(image_grid(images, 1, len(images)), path)
     accelerator.print(f"Validation images for {args.validation_prompt!r} saved to {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def train(args, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler, train_dataloader, optimizer,
+          compute_loss, train_text_encoder=False):
+    """Train the LoRA weights for --max_train_steps (or --num_train_epochs) and save them to
+    ``output_dir/pytorch_lora_weights.safetensors``; resume, checkpoints and validation images as the
+    flags say.
+
+    Each step: z_0 = VAE(x) * scaling_factor, z_t and the target from ``noise_and_target``, then
+    ``compute_loss(model_pred, target, timesteps)`` with model_pred, target: [B, C, h, w] (UNet output
+    and regression target) and timesteps: [B] must return the scalar to minimise. A batch holds
+    ``pixel_values`` [B, 3, H, W] in [-1, 1] and ``input_ids`` [B, tokenizer.model_max_length].
+    ``optimizer`` updates the LoRA weights of the UNet (and of the text encoder with ``train_text_encoder``);
+    they follow the --lr_scheduler schedule.
+    """
+    from diffusers.optimization import get_scheduler
+
+    steps_per_epoch, max_train_steps, num_epochs = training_length(args, len(train_dataloader))
+    # accelerate steps a prepared scheduler once per process at each optimizer step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
+    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if train_text_encoder:
+        unet, text_encoder, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, train_dataloader, lr_scheduler)
+        trained_models = [unet, text_encoder]
+    else:
+        unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+            unet, optimizer, train_dataloader, lr_scheduler)
+        trained_models = [unet]
+    register_lora_checkpoint_hooks(accelerator, unet, text_encoder if train_text_encoder else None)
+
+    global_step = resume(accelerator, args)
+    first_epoch = global_step // steps_per_epoch
+    batches_done_in_epoch = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    accelerator.print(f"{steps_per_epoch} steps per epoch, training from step {global_step} to {max_train_steps}.")
+    progress = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= max_train_steps:
+            break
+        for model in trained_models:
+            model.train()
+        batches = train_dataloader
+        if epoch == first_epoch and batches_done_in_epoch > 0:
+            batches = accelerator.skip_first_batches(train_dataloader, batches_done_in_epoch)
+        for batch in batches:
+            with accelerator.accumulate(*trained_models):
+                latents = vae.encode(batch["pixel_values"].to(vae.dtype)).latent_dist.sample()
+                latents = latents * vae.config.scaling_factor
+                noisy_latents, timesteps, target = noise_and_target(noise_scheduler, latents)
+                encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                loss = compute_loss(model_pred, target, timesteps)
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trained_parameters, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4f}", lr=lr_scheduler.get_last_lr()[0])
+                if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                    save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                if global_step >= max_train_steps:
+                    break
+
+        finished = global_step >= max_train_steps
+        if args.validation_prompt and accelerator.is_main_process and (
+                (epoch + 1) % args.validation_epochs == 0 or finished):
+            save_validation_images(args, accelerator, unet, text_encoder, vae, tokenizer, epoch + 1)
+        if finished:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_lora_weights(args.output_dir, accelerator.unwrap_model(unet),
+                          accelerator.unwrap_model(text_encoder) if train_text_encoder else None)
+        accelerator.print(f"Finished at step {global_step}: LoRA weights saved to "
+                          f"{Path(args.output_dir) / LORA_WEIGHTS_NAME}")
+    accelerator.end_training()
