@@ -36,7 +36,7 @@ DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
 # so a change of machine load mid-run affects all alike); within a round a sampler with few steps
 # is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
 TIMING_ROUNDS = 3
-MIN_TIMED_STEPS = 1000
+MIN_TIMED_STEPS = 300
 
 @dataclass
 class Recipe:
@@ -269,7 +269,7 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
         ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal", xticks=[], yticks=[])
     axes[0][0].legend(loc="lower left", markerscale=4, fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "samples.png"), dpi=120)
+    fig.savefig(os.path.join(out, "samples.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
     ddim_rows = results["ddim"]
