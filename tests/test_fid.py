@@ -5,6 +5,7 @@ Inception-v3 (same layers, other names), the closed form of the Frechet distance
 exact, and an eigendecomposition-based formula for the general case.
 """
 import json
+import os
 import re
 import subprocess
 import sys
@@ -186,9 +187,15 @@ def folders(tmp_path_factory, inception):
     return root
 
 
+# One BLAS/OpenMP thread per child process: on a busy 2-core machine, 2 threads per process
+# made scipy's sqrtm (2048 x 2048) several times slower in our measurements.
+SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                 "MKL_NUM_THREADS": "1"}
+
+
 def run_cli(python_exe, *args):
     return subprocess.run([python_exe, "measure_fid.py", *map(str, args)], cwd=TASK1_FID,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=SINGLE_THREAD)
 
 
 def parse_fid(stdout):
@@ -225,18 +232,24 @@ def test_cli_matches_an_independent_computation(fid_a_b, folders, inception):
     model.eval()
     f_a = reference_features(model, folders / "a", 75)
     f_b = reference_features(model, folders / "b", 75)
-    mu_a, mu_b = f_a.mean(0), f_b.mean(0)
-    sigma_a, sigma_b = np.cov(f_a, rowvar=False), np.cov(f_b, rowvar=False)
-    expected = (np.sum((mu_a - mu_b) ** 2) + np.trace(sigma_a) + np.trace(sigma_b)
-                - 2 * trace_sqrt_product(sigma_a, sigma_b))
+    # With n images the covariances are A^T A / (n - 1) for the centred features A [n, 2048],
+    # and the non-zero eigenvalues of S_a S_b are those of the small symmetric matrix
+    # A B^T B A^T / ((n_a - 1)(n_b - 1)), so Tr((S_a S_b)^{1/2}) needs no 2048 x 2048 algebra.
+    a, b = f_a - f_a.mean(0), f_b - f_b.mean(0)
+    cross = a @ b.T
+    small = cross @ cross.T / ((len(a) - 1) * (len(b) - 1))
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
+    expected = (np.sum((f_a.mean(0) - f_b.mean(0)) ** 2) + np.sum(a * a) / (len(a) - 1)
+                + np.sum(b * b) / (len(b) - 1) - 2 * trace_sqrt)
     assert fid > 0
     assert fid == pytest.approx(expected, rel=1e-3)
 
 
-def test_fid_of_a_folder_with_itself_is_zero(measure_fid, folders, fid_a_b, capsys):
-    measure_fid.main([str(folders / "a"), str(folders / "a"), "--ckpt", str(folders / "random.ckpt"),
-                      "--img_size", "75", "--device", "cpu"])
-    assert abs(parse_fid(capsys.readouterr().out)) < 1e-6 * fid_a_b
+def test_cli_fid_of_a_folder_with_itself_is_zero(python_exe, folders, fid_a_b):
+    result = run_cli(python_exe, folders / "a", folders / "a", "--ckpt", folders / "random.ckpt",
+                     "--img_size", 75)
+    assert result.returncode == 0, result.stderr
+    assert abs(parse_fid(result.stdout)) < 1e-6 * fid_a_b
 
 
 def assert_one_line_error(returncode, stderr, *fragments):
@@ -314,8 +327,17 @@ def train_classifier():
     return load_module(TASK1_FID, "train_classifier")
 
 
+@pytest.fixture
+def one_thread():
+    """Train in this process on one thread (2 threads ran ~10x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_train_classifier_writes_a_checkpoint_measure_fid_loads(train_classifier, standin, tmp_path,
-                                                                 inception, measure_fid):
+                                                                 inception, measure_fid, one_thread):
     out = tmp_path / "classifier.ckpt"
     train_classifier.main(["--data_root", str(standin), "--out", str(out), "--img_size", "75",
                            "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
@@ -380,7 +402,7 @@ def test_train_classifier_bad_input(python_exe, train_classifier, tmp_path, caps
     png_that_verifies_but_cannot_be_decoded(broken / "train" / "b" / "002.png")
     result = subprocess.run(
         [python_exe, "train_classifier.py", "--data_root", broken, *map(str, common[:-1]), "2"],
-        cwd=TASK1_FID, capture_output=True, text=True, timeout=300)
+        cwd=TASK1_FID, capture_output=True, text=True, timeout=300, env=SINGLE_THREAD)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "002.png" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c.ckpt").exists()

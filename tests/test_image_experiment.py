@@ -18,9 +18,14 @@ from PIL import Image
 from conftest import TASK1_FID, TASK1_IMAGE
 
 
+# One BLAS/OpenMP thread per child process: on a busy 2-core machine, 2 threads per process
+# made scipy's sqrtm (2048 x 2048) and PyTorch several times slower in our measurements.
+SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def run(command, cwd, env=None, timeout=600):
     return subprocess.run([str(part) for part in command], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env={**(env or os.environ), **SINGLE_THREAD}, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
