@@ -137,7 +137,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_load_rejects_bad_checkpoints(tmp_path, content):
     path = tmp_path / "bad.ckpt"
     if content is None:  # a pickled module (the course's original format) must not be loaded
-        torch.save({"hparams": {"network": tiny_unet()}, "state_dict": {}}, path)
+        # (torch.nn.Linear, not the course UNet: pickling that needs `network` importable by
+        # name, which load_module deliberately leaves out of sys.modules between folders)
+        torch.save({"hparams": {"network": torch.nn.Linear(2, 2)}, "state_dict": {}}, path)
     else:
         path.write_bytes(content)
     with pytest.raises(model_mod.CheckpointError, match="checkpoint"):
