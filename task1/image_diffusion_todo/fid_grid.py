@@ -11,7 +11,7 @@ computed once). It writes
     OUT_DIR/results.json    every number (the schema is in ``write_results``' docstring)
     OUT_DIR/results.md      FID and time tables, the course's layout: rows eta, columns steps
     OUT_DIR/fid_vs_steps.png  FID and sampling time against the number of steps
-    OUT_DIR/grids/<name>.png  the first 64 samples of every setting
+    OUT_DIR/grids/<name>.png  the first 64 samples of every setting (real.png: real images)
 
 --floor_dir adds the FID of real images against real images (e.g. the training split against
 GT_DIR) at the same number of images: the best FID a perfect model could reach at this sample
@@ -225,6 +225,7 @@ def run_grid(args):
                                                 args.fid_batch_size, device, desc)
         return measure_fid.feature_statistics(features)
 
+    save_grid(gt_files, out / "grids" / "real.png")  # what the samples are compared with
     fid_seconds = time.time()
     gt_stats = statistics(gt_files, "real images")
     floor_fid = None
