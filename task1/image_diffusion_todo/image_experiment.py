@@ -216,7 +216,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(HERE.parent.parent / "results" / "image_demo"),
                         help="output folder (default: results/image_demo in the repository)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny data, models and grid: the whole pipeline in about a minute")
+                        help="tiny data, models and grid: the whole pipeline in a minute or two "
+                             "(for tests)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training runs")
     parser.add_argument("--jobs", type=int, default=2,
                         help="sampling processes run at once (one per CPU core)")

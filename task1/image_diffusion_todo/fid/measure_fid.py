@@ -35,7 +35,7 @@ from scipy import linalg
 from torchvision import transforms
 from tqdm import tqdm
 
-from inception import FEATURE_DIM, MIN_INPUT_SIZE, InceptionV3
+from inception import MIN_INPUT_SIZE, InceptionV3
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "afhq_inception_v3.ckpt"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
