@@ -79,21 +79,23 @@ def test_chamfer_rejects_mismatched_dimensions(course):
         chamferdist.chamfer_distance(torch.zeros(3, 2), torch.zeros(3, 3))
 
 
-def test_chamfer_100k_points_stays_under_1gb(tmp_path):
-    """100,000 x 100,000 points in a fresh process: the whole process peaks under 1 GB."""
+def test_chamfer_100k_points_needs_little_memory():
+    """100,000 x 100,000 points in a fresh process: the call raises the process's peak memory by
+    well under 1 GB (a dense distance matrix would need 37 GiB). The peak is read before and after
+    the call, so what importing torch maps in (which varies between machines) is not counted."""
     script = (
         "import numpy as np, resource\n"
         "from chamferdist import chamfer_distance\n"
         "rng = np.random.default_rng(0)\n"
         "a, b = rng.normal(size=(100_000, 2)), rng.normal(size=(100_000, 2))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "cd = chamfer_distance(a, b)\n"
-        "print(cd, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print(cd, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
     out = subprocess.run([sys.executable, "-c", script], cwd=TASK1_2D, capture_output=True, text=True, check=True)
-    cd, peak_kib = out.stdout.split()
-    # Expected sum of squared nearest-neighbour distances for 2D Gaussians is O(N / density): positive, finite.
+    cd, peak_growth_kib = out.stdout.split()
     assert 0 < float(cd) < 100_000
-    assert int(peak_kib) < 1024 * 1024
+    assert int(peak_growth_kib) < 256 * 1024
 
 
 # --- Forward process -------------------------------------------------------------------------------
