@@ -1,7 +1,9 @@
 """Command-line plumbing shared by train.py, sampling.py and dataset.py: bad input is answered
 with one line on stderr and a non-zero exit, never a traceback."""
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -39,3 +41,11 @@ def pick_device(gpu: int) -> torch.device:
     if not 0 <= gpu < torch.cuda.device_count():
         raise UsageError(f"--gpu {gpu}: there are {torch.cuda.device_count()} CUDA devices")
     return torch.device(f"cuda:{gpu}")
+
+
+def write_atomic(path, text: str) -> None:
+    """Write text to a temporary file beside path, then rename it: readers never see half a file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -26,7 +26,6 @@ course's checkpoint and settings; image_experiment.py runs it on the CPU stand-i
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+from cli import write_atomic
 from model import CheckpointError, DiffusionModule
 from PIL import Image
 
@@ -158,12 +158,6 @@ def plot(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_atomic(path, text):
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def write_results(results, out):

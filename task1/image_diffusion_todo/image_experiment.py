@@ -50,6 +50,7 @@ from pathlib import Path
 
 import fid_grid
 import standin_dataset
+from cli import write_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -116,7 +117,7 @@ class Stages:
         extra = work() or {}
         record = {"settings": settings, "seconds": time.time() - start, **extra}
         self.done[name] = record
-        fid_grid.write_atomic(self.path, json.dumps(self.done, indent=2) + "\n")
+        write_atomic(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"== {name}: {record['seconds']:.0f} s", flush=True)
         return record
 
@@ -183,7 +184,7 @@ def run_experiment(out, config, seed, jobs=2):
     results["this_run_seconds"] = time.time() - total_start
     fid_grid.write_results(results, out)
     report = experiment_markdown(results)
-    fid_grid.write_atomic(out / "results.md", report)
+    write_atomic(out / "results.md", report)
     return results, report
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cli import ArgumentParser, UsageError, pick_device, run
+from cli import ArgumentParser, UsageError, pick_device, run, write_atomic
 from dataset import tensor_to_pil_image
 from model import CheckpointError, DiffusionModule
 from scheduler import build_scheduler
@@ -80,9 +80,7 @@ def main(args):
         "seed": args.seed,
         "seconds": seconds,
     }
-    tmp_path = save_dir / "sampling.json.tmp"
-    tmp_path.write_text(json.dumps(summary, indent=2))
-    tmp_path.replace(save_dir / "sampling.json")
+    write_atomic(save_dir / "sampling.json", json.dumps(summary, indent=2))
     print(f"Saved {args.num_samples} images to {save_dir} ({seconds:.1f} s of sampling)")
 
 
