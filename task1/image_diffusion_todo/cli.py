@@ -1,9 +1,11 @@
-"""Command-line plumbing shared by train.py, sampling.py and dataset.py: bad input is answered
-with one line on stderr and a non-zero exit, never a traceback."""
+"""Plumbing shared by the scripts of this folder: bad input is answered with one line on stderr
+and a non-zero exit, never a traceback; files that matter are written atomically."""
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 
@@ -43,9 +45,26 @@ def pick_device(gpu: int) -> torch.device:
     return torch.device(f"cuda:{gpu}")
 
 
-def write_atomic(path, text: str) -> None:
-    """Write text to a temporary file beside path, then rename it: readers never see half a file."""
+def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
+    """write(f) into a temporary file beside path, fsync it, then rename it over path.
+
+    Readers (and a crash) see the old file or the new one, never half of one; on failure the
+    temporary file is removed and path is untouched. The temporary file is in path's own folder
+    because a rename is only atomic within one file system.
+    """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """atomic_write for a str (UTF-8)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

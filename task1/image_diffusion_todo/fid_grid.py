@@ -34,7 +34,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from cli import write_atomic
+from cli import atomic_write_text
 from model import CheckpointError, DiffusionModule
 from PIL import Image
 
@@ -169,8 +169,8 @@ def write_results(results, out):
      "ddpm": {"steps": int, "fid": float, "seconds": float},
      "ddim": [{"steps": int, "eta": float, "fid": float, "seconds": float}, ...]}
     """
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", results_markdown(results))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(results))
     plot(results, out / "fid_vs_steps.png")
 
 

@@ -50,7 +50,7 @@ from pathlib import Path
 
 import fid_grid
 import standin_dataset
-from cli import write_atomic
+from cli import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -117,7 +117,7 @@ class Stages:
         extra = work() or {}
         record = {"settings": settings, "seconds": time.time() - start, **extra}
         self.done[name] = record
-        write_atomic(self.path, json.dumps(self.done, indent=2) + "\n")
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"== {name}: {record['seconds']:.0f} s", flush=True)
         return record
 
@@ -184,7 +184,7 @@ def run_experiment(out, config, seed, jobs=2):
     results["this_run_seconds"] = time.time() - total_start
     fid_grid.write_results(results, out)
     report = experiment_markdown(results)
-    write_atomic(out / "results.md", report)
+    atomic_write_text(out / "results.md", report)
     return results, report
 
 

@@ -1,12 +1,12 @@
 """DiffusionModule: the training loss, the sampling loop (with classifier-free guidance) and
 checkpoints for a network + noise scheduler pair."""
 import os
-import tempfile
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from cli import atomic_write
 from network import UNet
 from scheduler import DDPMScheduler, check_predictor
 from tqdm import tqdm
@@ -103,7 +103,7 @@ class DiffusionModule(nn.Module):
         """Write {"config", "state_dict"[, extra entries]} atomically: a crash never leaves a
         half-written file at file_path. `extra` must hold tensors and plain Python values only."""
         checkpoint = {"config": self.config, "state_dict": self.network.state_dict(), **(extra or {})}
-        save_atomic(checkpoint, file_path)
+        atomic_write(file_path, lambda f: torch.save(checkpoint, f))
 
     def load(self, file_path):
         """Rebuild network and DDPM scheduler from a checkpoint written by `save`; returns the
@@ -121,20 +121,6 @@ class DiffusionModule(nn.Module):
         self.network, self.var_scheduler, self.predictor = network, var_scheduler, config["predictor"]
         return checkpoint
 
-
-def save_atomic(obj, file_path):
-    """torch.save to a temporary file in the same folder, then rename it over file_path."""
-    folder = os.path.dirname(os.path.abspath(file_path))
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".ckpt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, file_path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 def load_checkpoint(file_path) -> dict:

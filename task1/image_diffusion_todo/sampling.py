@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from cli import ArgumentParser, UsageError, pick_device, run, write_atomic
+from cli import ArgumentParser, UsageError, pick_device, run, atomic_write_text
 from dataset import tensor_to_pil_image
 from model import CheckpointError, DiffusionModule
 from scheduler import build_scheduler
@@ -80,7 +80,7 @@ def main(args):
         "seed": args.seed,
         "seconds": seconds,
     }
-    write_atomic(save_dir / "sampling.json", json.dumps(summary, indent=2))
+    atomic_write_text(save_dir / "sampling.json", json.dumps(summary, indent=2))
     print(f"Saved {args.num_samples} images to {save_dir} ({seconds:.1f} s of sampling)")
 
 
