@@ -47,12 +47,7 @@ COURSE_GLOBALS = {"network UNet", "module ResBlock", "module TimeEmbedding", "mo
                   "module DownSample", "module UpSample", "scheduler DDPMScheduler"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def run_cli(script, *args):

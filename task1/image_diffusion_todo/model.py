@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing or is not one this module wrote."""
+    """A checkpoint file that is missing, unreadable, refused (it asks to run code), or neither this
+    project's nor a course (Lab-1) checkpoint this code can rebuild."""
 
 
 class DiffusionModule(nn.Module):
