@@ -83,6 +83,7 @@ class AFHQDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, split: str, transform=None, max_num_images_per_cat=-1, label_offset=1):
         super().__init__()
         self.root, self.split, self.transform = root, split, transform
+        self.max_num_images_per_cat, self.label_offset = max_num_images_per_cat, label_offset
         split_dir = Path(root) / split
         if not split_dir.is_dir():
             raise DatasetError(f"no {split}/ folder in {root} (expected {root}/{split}/<class>/*.png|jpg)")
