@@ -138,7 +138,8 @@ SAFE_CALLS = {
 
 
 class RestrictedUnpickler(pickle._Unpickler):
-    """pickle's pure-Python unpickler with the opcodes that create or call objects replaced.
+    """pickle's pure-Python unpickler (pickle._Unpickler: its opcodes can be replaced one by one,
+    the C unpickler's cannot) with the opcodes that create or call objects replaced.
 
     GLOBAL gives a safe stand-in (above) or an inert _Name; REDUCE (a call) runs only the safe
     stand-ins; NEWOBJ (an instance of a class) gives a Record; BUILD (setting an object's state)
