@@ -127,9 +127,9 @@ def main(args):
         download_afhq(args.data_root)
     if not Path(args.data_root).is_dir():
         raise DatasetError(f"data folder not found: {args.data_root}")
-    ds_module = AFHQDataModule(args.data_root, batch_size=args.batch_size, num_workers=args.num_workers,
+    ds_module = AFHQDataModule(batch_size=args.batch_size, num_workers=args.num_workers,
                                max_num_images_per_cat=args.max_num_images_per_cat,
-                               image_resolution=args.image_resolution)
+                               image_resolution=args.image_resolution, afhq_root=args.data_root)
     num_classes = ds_module.num_classes
 
     random.seed(args.seed)
