@@ -54,7 +54,7 @@ def timed(fn, repeats, warm_up=True):
 
 
 def verdict(ok: bool, bound: str, missed: list) -> str:
-    """'ok', or 'MISSED' with the bound appended to `missed`."""
+    """'ok', or 'MISSED' after appending `bound` (what missed which bound) to `missed`."""
     if not ok:
         missed.append(bound)
     return "ok" if ok else "MISSED"
@@ -81,9 +81,9 @@ def ddim_vs_ddpm(missed):
         ratio = ddim_seconds / ddpm_seconds
         relative = ratio / (steps / RATIO_T)
         ok = abs(relative - 1) <= DDIM_RATIO_TOLERANCE
+        bound = f"DDIM {steps} steps: {relative:.3f} x S/T, not within 1 +- {DDIM_RATIO_TOLERANCE}"
         print(f"   DDIM, {steps:3d} steps: {ddim_seconds:.3f} s; time ratio {ratio:.4f} vs S/T "
-              f"{steps / RATIO_T:.4f} -> {relative:.3f} x S/T "
-              f"({verdict(ok, f'DDIM {steps} steps: {relative:.3f} x S/T, not within 1 +- {DDIM_RATIO_TOLERANCE}', missed)})")
+              f"{steps / RATIO_T:.4f} -> {relative:.3f} x S/T ({verdict(ok, bound, missed)})")
 
 
 def step_overhead(unet, missed):
@@ -108,8 +108,8 @@ def step_overhead(unet, missed):
         step_seconds = timed(fn, repeats=200)
         share = step_seconds / forward_seconds
         ok = share < MAX_STEP_SHARE
-        print(f"   {name}: {step_seconds * 1e6:.0f} us = {100 * share:.4f}% of a forward "
-              f"({verdict(ok, f'{name}: {100 * share:.2f}% of a forward, not under {100 * MAX_STEP_SHARE:.0f}%', missed)})")
+        bound = f"{name}: {100 * share:.2f}% of a forward, not under {100 * MAX_STEP_SHARE:.0f}%"
+        print(f"   {name}: {step_seconds * 1e6:.0f} us = {100 * share:.4f}% of a forward ({verdict(ok, bound, missed)})")
     return forward_seconds
 
 
@@ -181,10 +181,9 @@ def precision_comparison(device, missed):
               f"peak memory {peak / 2 ** 30:.2f} GiB")
     (fp32_seconds, fp32_peak), (bf16_seconds, bf16_peak) = costs["fp32"], costs["bf16"]
     time_ratio, memory_ratio = bf16_seconds / fp32_seconds, bf16_peak / fp32_peak
-    print(f"   bf16 / fp32 step time: {time_ratio:.3f} "
-          f"({verdict(time_ratio < 1, f'bf16 step time {time_ratio:.3f} x fp32, not under 1', missed)})")
-    print(f"   bf16 / fp32 peak memory: {memory_ratio:.3f} "
-          f"({verdict(memory_ratio < 1, f'bf16 peak memory {memory_ratio:.3f} x fp32, not under 1', missed)})")
+    for what, ratio in (("step time", time_ratio), ("peak memory", memory_ratio)):
+        bound = f"bf16 {what} {ratio:.3f} x fp32, not under 1"
+        print(f"   bf16 / fp32 {what}: {ratio:.3f} ({verdict(ratio < 1, bound, missed)})")
 
 
 def main():

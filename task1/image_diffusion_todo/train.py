@@ -382,6 +382,7 @@ def main(args):
 
 
 def parse_args(argv=None):
+    may_change = ", ".join("--" + name for name in RESUME_MAY_CHANGE if name not in ("save_dir", "resume"))
     parser = ArgumentParser(description="Train a DDPM on AFHQ (or any folder in AFHQ's layout), on one device or, "
                                         "under `accelerate launch` / `torchrun`, data-parallel on several.")
     parser.add_argument("--gpu", type=int, default=0,
@@ -422,9 +423,7 @@ def parse_args(argv=None):
                         help="continue training from SAVE_DIR/last.ckpt exactly where it stopped (weights, "
                              "optimizer, data order, random generators). The run keeps the checkpoint's recipe: a "
                              "flag whose value differs from the checkpoint's is replaced by it, with a printed note "
-                             "naming both; only "
-                             f"{', '.join('--' + name for name in RESUME_MAY_CHANGE if name not in ('save_dir', 'resume'))}"
-                             " may change")
+                             f"naming both; only {may_change} may change")
     parser.add_argument("--ch", type=int, default=128, help="UNet base channels")
     parser.add_argument("--ch_mult", type=int, nargs="+", default=[1, 2, 2, 2],
                         help="UNet channel multiplier per resolution level")
