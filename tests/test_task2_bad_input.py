@@ -165,8 +165,9 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, 
         "prior without class prompt": "--with_prior_preservation needs --class_data_dir and --class_prompt",
         "rank 0": "--rank must be at least 1, got 0",
         "fp16 class images on a CPU": "--prior_generation_precision=fp16 needs a CUDA GPU",
-        "add the text encoder to a UNet checkpoint": f"--resume_from_checkpoint {earlier_run / 'checkpoint-3'} "
-                                                     f"trained the UNet's LoRA only, this run adds --train_text_encoder",
+        "add the text encoder to a UNet checkpoint": (f"--resume_from_checkpoint {earlier_run / 'checkpoint-3'} "
+                                                      "trained the UNet's LoRA only, this run adds "
+                                                      "--train_text_encoder"),
     }[case]
     if case == "missing instance folder":
         args["--instance_data_dir"] = str(tmp_path / "nowhere")

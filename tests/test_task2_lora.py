@@ -29,13 +29,15 @@ def tiny_model(tmp_path_factory):
 def naruto_wrapper_run(tiny_model, tmp_path_factory):
     """scripts/train_lora.sh with DATASET_NAME pointing at a local dataset folder (the hub is offline),
     rank 4, 5 steps over the 4 sample images (an epoch of 4 steps, validated, then one more step), a
-    large learning rate so that a few steps visibly change the output, logging to tensorboard (the default)."""
+    large learning rate so that a few steps visibly change the output, logging to tensorboard (the
+    default), a checkpoint every step of which the wrapper keeps the last 2."""
     tmp = tmp_path_factory.mktemp("train_lora_sh")
     digest_before = tree_digest(tiny_model)
     result = run_wrapper(TASK2 / "scripts" / "train_lora.sh",
                          {"MODEL_NAME": str(tiny_model), "DATASET_NAME": str(SAMPLE_STYLE),
                           "OUTPUT_DIR": str(tmp / "out")},
-                         [*FAST_FLAGS, "--max_train_steps=5", "--learning_rate=1e-2"], tmp / "hf")
+                         [*FAST_FLAGS, "--max_train_steps=5", "--learning_rate=1e-2", "--checkpointing_steps=1"],
+                         tmp / "hf")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp / "out", result.stdout + result.stderr, digest_before
 
@@ -65,6 +67,9 @@ def test_train_lora_sh_trains_only_lora_and_the_stock_pipeline_loads_it(tiny_mod
     for name in ("epoch_0001.png", "final.png"):
         assert Image.open(out / "validation" / name).size == (2 * RESOLUTION, RESOLUTION)
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["epoch_0001.png", "final.png"]
+    # A checkpoint each step, the 2 newest kept (--checkpoints_total_limit=2), no temporary folder left.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+    assert not list(out.glob(".*"))
 
 
 def test_train_lora_sh_logs_loss_lr_and_validation_images_to_tensorboard(naruto_wrapper_run):
@@ -84,33 +89,29 @@ def test_train_lora_sh_logs_loss_lr_and_validation_images_to_tensorboard(naruto_
     assert np.abs(tile[:, :2 * RESOLUTION, :3].astype(int) - final_grid.astype(int)).max() <= 1
 
 
-def test_custom_wrapper_resumes_from_its_latest_checkpoint(tiny_model, tmp_path):
-    """train_lora_custom.sh on the repo's sample folder: checkpoints every step, keeps 2; a second run
-    with --resume_from_checkpoint latest continues at the saved step, with the optimizer and schedule."""
-    script = TASK2 / "scripts" / "train_lora_custom.sh"
-    env = {"MODEL_NAME": str(tiny_model), "OUTPUT_DIR": str(tmp_path / "out")}
-    flags = [*FAST_FLAGS, "--checkpointing_steps=1", "--checkpoints_total_limit=2", "--report_to=none"]
+def test_custom_wrapper_resumes_from_the_latest_checkpoint(tiny_model, naruto_wrapper_run, tmp_path):
+    """train_lora_custom.sh (the same sample images, from its folder) on a copy of train_lora.sh's
+    OUTPUT_DIR with --resume_from_checkpoint=latest: continues at checkpoint-5, with the optimizer and
+    the schedule, to step 7."""
     out = tmp_path / "out"
-
-    first = run_wrapper(script, env, [*flags, "--max_train_steps=3"], tmp_path / "hf")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
-    assert not list(out.glob(".*"))  # no temporary folder left behind
-
-    second = run_wrapper(script, env, [*flags, "--max_train_steps=5", "--resume_from_checkpoint=latest"],
-                         tmp_path / "hf")
-    log = second.stdout + second.stderr
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "checkpoint-3 at step 3" in log and "Finished at step 5" in log
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
-    # AdamW counted 3 restored steps plus 2 new ones; the learning-rate schedule too.
-    optimizer = torch.load(out / "checkpoint-5" / "optimizer.bin", weights_only=True)
-    assert all(int(state["step"]) == 5 for state in optimizer["state"].values())
-    assert torch.load(out / "checkpoint-5" / "scheduler.bin", weights_only=True)["last_epoch"] == 5
-    saved = load_file(out / "checkpoint-5" / "pytorch_lora_weights.safetensors")
+    shutil.copytree(naruto_wrapper_run[0], out)
+    result = run_wrapper(TASK2 / "scripts" / "train_lora_custom.sh",
+                         {"MODEL_NAME": str(tiny_model), "OUTPUT_DIR": str(out)},
+                         [*FAST_FLAGS, "--max_train_steps=7", "--learning_rate=1e-2", "--checkpointing_steps=1",
+                          "--resume_from_checkpoint=latest", "--report_to=none"], tmp_path / "hf")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "checkpoint-5 at step 5" in log and "Finished at step 7" in log
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    # AdamW counted 5 restored steps plus 2 new ones; the learning-rate schedule too.
+    optimizer = torch.load(out / "checkpoint-7" / "optimizer.bin", weights_only=True)
+    assert all(int(state["step"]) == 7 for state in optimizer["state"].values())
+    assert torch.load(out / "checkpoint-7" / "scheduler.bin", weights_only=True)["last_epoch"] == 7
+    saved = load_file(out / "checkpoint-7" / "pytorch_lora_weights.safetensors")
     final = load_file(out / "pytorch_lora_weights.safetensors")
     assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in saved)
-    assert any(k.endswith("lora.up.weight") and saved[k].abs().max() > 0 for k in saved)  # B starts at zero
+    before = load_file(naruto_wrapper_run[0] / "pytorch_lora_weights.safetensors")
+    assert any(not torch.equal(before[k], final[k]) for k in final)  # steps 6 and 7 trained
 
 
 def notebook_images(notebook) -> list[np.ndarray]:

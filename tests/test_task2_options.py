@@ -60,7 +60,8 @@ def test_a_rotated_exif_photo_reaches_the_model_upright(tiny_model, tokenizer, t
     save_rotated_photo(tmp_path / "subject" / "portrait.jpg")
     dreambooth = load_module(TASK2, "train_dreambooth_lora")
     args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path), "--center_crop",
-                                  f"--instance_data_dir={tmp_path / 'subject'}", "--instance_prompt=a photo of sks cat"])
+                                  f"--instance_data_dir={tmp_path / 'subject'}",
+                                  "--instance_prompt=a photo of sks cat"])
     assert_upright(dreambooth.training_dataset(args, tokenizer)[0]["instance_pixels"])
 
     # LoRA: an image folder with captions.
@@ -139,7 +140,8 @@ def test_adam_flags_scale_lr_and_lora_dropout(tiny_model, tmp_path):
 
     utils = load_module(TASK2, "utils")
     dreambooth = load_module(TASK2, "train_dreambooth_lora")
-    args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path), f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
+    args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path),
+                                  f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
                                   "--instance_prompt=a photo of sks cat", "--learning_rate=1e-4", "--scale_lr",
                                   "--train_batch_size=2", "--gradient_accumulation_steps=3", "--adam_beta1=0.8",
                                   "--adam_beta2=0.99", "--adam_epsilon=1e-6", "--adam_weight_decay=0.05",
