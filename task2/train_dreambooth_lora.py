@@ -120,7 +120,7 @@ def generation_pipeline(args, dtype):
             requires_safety_checker=False, **utils.hub_kwargs(args))
     except (OSError, ValueError) as error:
         utils.exit_with_error(f"cannot load the model {args.pretrained_model_name_or_path!r}: "
-                              f"{str(error).strip().splitlines()[0]}")
+                              f"{utils.first_line(error)}")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

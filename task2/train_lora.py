@@ -68,7 +68,7 @@ def load_captioned_images(args):
                                             cache_dir=args.cache_dir)
     except Exception as error:  # datasets raises many types for a missing or malformed dataset
         source = args.train_data_dir or args.dataset_name
-        utils.exit_with_error(f"cannot load the dataset {source}: {str(error).strip().splitlines()[0]}")
+        utils.exit_with_error(f"cannot load the dataset {source}: {utils.first_line(error)}")
     for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
         if column not in dataset.column_names:
             utils.exit_with_error(f"{flag} {column!r} is not a column of the dataset "

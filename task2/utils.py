@@ -59,6 +59,12 @@ def exit_with_error(message):
     sys.exit(1)
 
 
+def first_line(error):
+    """The first line of an exception's message (its type when the message is empty), for exit_with_error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line in one line, like every other bad input."""
 
@@ -303,8 +309,7 @@ def check_8bit_adam():
     try:
         import bitsandbytes  # noqa: F401
     except Exception as error:  # a missing package, or one built for another CUDA, fails in many ways
-        exit_with_error(f"--use_8bit_adam needs bitsandbytes (pip install bitsandbytes): "
-                        f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+        exit_with_error(f"--use_8bit_adam needs bitsandbytes (pip install bitsandbytes): {first_line(error)}")
 
 
 def check_tracker(report_to):
@@ -357,7 +362,7 @@ def load_models(args, accelerator):
         vae = AutoencoderKL.from_pretrained(model_name, subfolder="vae", dtype=dtype, **hub_kwargs(args))
         unet = UNet2DConditionModel.from_pretrained(model_name, subfolder="unet", dtype=dtype, **hub_kwargs(args))
     except (OSError, ValueError) as error:
-        exit_with_error(f"cannot load the model {model_name!r}: {str(error).strip().splitlines()[0]}")
+        exit_with_error(f"cannot load the model {model_name!r}: {first_line(error)}")
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for model in (text_encoder, vae, unet):
@@ -636,7 +641,7 @@ def check_resume_matches(args):
     try:
         parts = read_lora_weights(args.resume_path)
     except (OSError, SafetensorError) as error:
-        exit_with_error(f"cannot read {Path(args.resume_path) / LORA_WEIGHTS_NAME}: {error}")
+        exit_with_error(f"cannot read {Path(args.resume_path) / LORA_WEIGHTS_NAME}: {first_line(error)}")
     train_text_encoder = getattr(args, "train_text_encoder", False)
     if "text_encoder" in parts and not train_text_encoder:
         exit_with_error(f"--resume_from_checkpoint {args.resume_path} trained the text encoder's LoRA too, this run "
