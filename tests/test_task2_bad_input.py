@@ -198,3 +198,35 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert tree_digest(earlier_run) == before
     assert not (tmp_path / "class").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_failed_write_leaves_the_earlier_file_or_folder_and_no_temporary(kind, tmp_path):
+    """utils.atomic_write, which writes the LoRA file, the checkpoint folders and the images."""
+    utils = load_module(TASK2, "utils")
+    path = tmp_path / ("weights.safetensors" if kind == "file" else "checkpoint-3")
+    if kind == "file":
+        path.write_bytes(b"earlier")
+    else:
+        path.mkdir()
+        (path / "optimizer.bin").write_bytes(b"earlier")
+    before = tree_digest(tmp_path)
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        with utils.atomic_write(path) as tmp:
+            if kind == "file":
+                tmp.write_bytes(b"half of the new")
+            else:
+                tmp.mkdir()
+                (tmp / "optimizer.bin").write_bytes(b"half of the new")
+            raise RuntimeError("disk full")
+    assert tree_digest(tmp_path) == before
+
+    with utils.atomic_write(path) as tmp:
+        if kind == "file":
+            tmp.write_bytes(b"new")
+        else:
+            tmp.mkdir()
+            (tmp / "optimizer.bin").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert (path if kind == "file" else path / "optimizer.bin").read_bytes() == b"new"

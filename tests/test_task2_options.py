@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import TASK2, load_module
 from task2_tiny_pipeline import tiny_pipeline_dir
@@ -181,3 +182,45 @@ def test_dataset_config_name_and_max_train_samples(tiny_model, tmp_path):
     two = captions("--dataset_config_name=trees", "--max_train_samples=2", "--seed=3")
     assert len(two) == 2 and set(two) < {"a fir", "a pine", "an oak"}
     assert captions("--dataset_config_name=trees", "--max_train_samples=2", "--seed=3") == two
+
+
+def test_checkpoints_of_the_earlier_layout_still_resume(tiny_model, tmp_path):
+    """Checkpoints written before the portable layout hold peft's names (``unet.<module>.lora_A.weight``,
+    ``text_encoder.encoder.layers...``, transformers 5's paths): load_lora_weights restores every tensor
+    from them, and a DreamBooth resume with --train_text_encoder accepts them."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    utils = load_module(TASK2, "utils")
+    dreambooth = load_module(TASK2, "train_dreambooth_lora")
+
+    def adapted_models():
+        unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+        utils.add_lora(unet, 4, utils.UNET_LORA_TARGETS)
+        utils.add_lora(text_encoder, 4, utils.TEXT_ENCODER_LORA_TARGETS)
+        return unet, text_encoder
+
+    trained_unet, trained_text_encoder = adapted_models()
+    torch.manual_seed(0)
+    for model in (trained_unet, trained_text_encoder):
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter)
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    StableDiffusionPipeline.save_lora_weights(checkpoint, unet_lora_layers=utils.lora_layers(trained_unet),
+                                              text_encoder_lora_layers=utils.lora_layers(trained_text_encoder))
+    saved = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight" in saved  # the earlier layout
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in saved
+    unet, text_encoder = adapted_models()
+    utils.load_lora_weights(checkpoint, unet, text_encoder)
+    for trained, restored in ((trained_unet, unet), (trained_text_encoder, text_encoder)):
+        assert utils.lora_layers(trained).keys() == utils.lora_layers(restored).keys()
+        assert all(torch.equal(utils.lora_layers(trained)[k], utils.lora_layers(restored)[k])
+                   for k in utils.lora_layers(trained))
+
+    args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path), "--train_text_encoder",
+                                  f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
+                                  "--instance_prompt=a photo of sks cat", "--resume_from_checkpoint=checkpoint-2"])
+    assert args.resume_path == checkpoint
