@@ -9,7 +9,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,8 +130,8 @@ def course_environment():
     folder = REPO / ".venv" / f"course-env-{key}"
     if (folder / "diffusers").is_dir():
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     # --no-deps with an explicit list: nothing of the venv (torch above all) is downloaded again.
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
                               "--no-deps", "--no-compile", "--timeout=20", "--retries=1", "--target", str(tmp), *pins],
@@ -143,7 +145,10 @@ def course_environment():
             pytest.skip(f"the package index {index} cannot be reached ({error}); the course's "
                         f"{', '.join(COURSE_PINS)} cannot be installed")
         pytest.fail(f"pip could not install the course's packages:\n{install.stdout[-2000:]}{install.stderr[-2000:]}")
-    os.replace(tmp, folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another test run installed it meanwhile
+        shutil.rmtree(tmp)
     return folder
 
 
