@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -106,12 +107,7 @@ def noise_draw_cost(batch_size: int = 16, resolution: int = 64, repeats: int = 2
     x, t = torch.randn(shape), torch.full((batch_size,), T // 2)
 
     def median_seconds(fn, n):
-        times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(timeit.repeat(fn, number=1, repeat=n))
 
     with torch.no_grad():
         return {"per_image": median_seconds(lambda: randn_per_image(shape, generators, "cpu"), repeats),
