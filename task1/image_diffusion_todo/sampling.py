@@ -107,9 +107,8 @@ def split_batches(num_samples: int, batch_size: int, num_processes: int) -> list
 def describe_split(shares, batch_size: int) -> str:
     """How the images are shared, e.g. "2 processes: 256 + 244 images (batches of up to 64)"."""
     counts = [sum(len(batch) for batch in share) for share in shares]
-    if len(shares) == 1:
-        return f"1 process: {counts[0]} images (batches of up to {batch_size})"
-    return f"{len(shares)} processes: {' + '.join(map(str, counts))} images (batches of up to {batch_size})"
+    processes = "1 process" if len(shares) == 1 else f"{len(shares)} processes"
+    return f"{processes}: {' + '.join(map(str, counts))} images (batches of up to {batch_size})"
 
 
 def main(args):
