@@ -17,7 +17,7 @@ T = 20
 TINY_UNET = ["--image_resolution", "16", "--ch", "32", "--ch_mult", "1", "2", "--num_res_blocks", "1",
              "--num_diffusion_train_timesteps", str(T), "--batch_size", "4", "--num_workers", "0"]
 SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "timestep_spacing", "num_samples", "seed",
-                 "seconds"}
+                 "use_ema", "num_processes", "seconds", "seconds_per_process"}
 
 
 def run_cli(script, *args, timeout=300):
@@ -119,6 +119,8 @@ def test_sampling_is_deterministic(trained, tmp_path, method):
     assert summary["sample_method"] == method[1] and summary["num_samples"] == 3 and summary["seed"] == 5
     assert summary["ckpt_path"] == str(ckpt)
     assert 0 < summary["seconds"] < 300
+    assert summary["num_processes"] == 1 and summary["seconds_per_process"] == [summary["seconds"]]
+    assert "1 process: 3 images (batches of up to 2)" in runs[0].stdout
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """DiffusionModule: the training loss, the sampling loop (with classifier-free guidance) and
 checkpoints for a network + noise scheduler pair."""
 import os
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -84,15 +84,19 @@ class DiffusionModule(nn.Module):
         class_label: Optional[torch.Tensor] = None,
         guidance_scale: Optional[float] = 1.0,
         *,
-        generator: Optional[torch.Generator] = None,
+        generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+        progress: bool = True,
     ):
         """Run the reverse process of `var_scheduler` from x_T ~ N(0, I).
 
         class_label: [batch_size] (1..num_classes) or None: a class-conditional (use_cfg) network
         then gets the null label 0, the condition it learnt for "no class"; guidance_scale None
-        means 1 (no guidance); generator: draws x_T and every step's noise (for reproducible
-        samples). Returns x_0: [B, 3, R, R], or with return_traj the list [x_T, ..., x_0]
-        (earlier entries moved to the CPU).
+        means 1 (no guidance). generator: draws x_T and every step's noise (for reproducible
+        samples); a list of batch_size generators, as diffusers' pipelines take, gives image b its
+        own stream (x_T[b] and b's noise at every step come from generator[b] alone), so an image
+        does not depend on the others in its batch. progress: show a progress bar over the steps.
+        Returns x_0: [B, 3, R, R], or with return_traj the list [x_T, ..., x_0] (earlier entries
+        moved to the CPU).
         """
         if guidance_scale is None:
             guidance_scale = 1.0
@@ -105,11 +109,11 @@ class DiffusionModule(nn.Module):
         shape = (batch_size, 3, self.image_resolution, self.image_resolution)
 
         def randn():
-            return torch.randn(shape, generator=generator, device=self.device)
+            return randn_per_image(shape, generator, self.device)
 
         x_t = randn()
         traj = [x_t]
-        for t in tqdm(self.var_scheduler.timesteps, desc="sampling", leave=False):
+        for t in tqdm(self.var_scheduler.timesteps, desc="sampling", leave=False, disable=not progress):
             t = t.to(self.device)
             net_out = self.predict(x_t, t, class_label, guidance_scale)
             x_t = self.var_scheduler.step(x_t, t, net_out, self.predictor, noise=randn())
@@ -153,6 +157,16 @@ class DiffusionModule(nn.Module):
             raise CheckpointError(f"checkpoint {file_path} does not match this code: {reason}") from None
         self.network, self.var_scheduler, self.predictor = network, var_scheduler, predictor
         return checkpoint
+
+
+def randn_per_image(shape, generator: Union[None, torch.Generator, Sequence[torch.Generator]], device) -> torch.Tensor:
+    """N(0, I) samples of shape [B, ...]: all from one generator (or torch's global one), or, for a
+    list of B generators, row b from generator[b] alone."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per image")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device) for g in generator])
 
 
 def load_checkpoint(file_path) -> dict:
