@@ -553,7 +553,7 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     out = tmp_path / "out"
     result = run_experiment("--recipe", "course", "--seed", "0", "--out", str(out), "--iterations", "300",
                             "--ddim_steps", "10", "20", "--etas", "0", "1", "--num_samples", "256",
-                            "--timestep_spacing", "quadratic")
+                            "--timestep_spacing", "quadratic", "--timing_rounds", "1")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     # DESIGN.md's schema, plus the fields added since.
@@ -561,7 +561,7 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
                             "recipe_config", "num_samples", "timestep_spacing", "spacings"}
     assert results["recipe"] == "course" and results["seed"] == 0 and results["timestep_spacing"] == "quadratic"
     assert results["recipe_config"]["num_iterations"] == 300 and results["num_samples"] == 256
-    assert set(results["ddpm"]) == {"cd", "seconds"}
+    assert set(results["ddpm"]) == {"cd", "seconds", "cd_mean", "cd_se", "cds"}
     assert [(row["steps"], row["eta"]) for row in results["ddim"]] == [(10, 0.0), (20, 0.0), (10, 1.0), (20, 1.0)]
     for row in results["ddim"]:
         assert set(row) == {"steps", "eta", "cd", "seconds"} and row["cd"] > 0 and row["seconds"] > 0
@@ -572,6 +572,11 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
                                for n in (10, 20) for e in (0.0, 1.0)}
     assert all(spacing_cd[("quadratic", r["steps"], r["eta"])] == r["cd"] for r in results["ddim"])
     assert len(set(spacing_cd.values())) == len(spacing_cd)  # different sub-sequences, different samples
+    # Over --sampling_seeds (default 3) draws of x_T: the first is the grid's, then mean and standard error.
+    for row in [results["ddpm"], *results["spacings"]]:
+        assert len(row["cds"]) == 3 and row["cds"][0] == row["cd"] and len(set(row["cds"])) == 3
+        assert row["cd_mean"] == pytest.approx(np.mean(row["cds"]))
+        assert row["cd_se"] == pytest.approx(np.std(row["cds"], ddof=1) / np.sqrt(3))
     for name in ("results.md", "loss.png", "samples.png", "cd_time_vs_steps.png", "cd_vs_steps_by_spacing.png",
                  "samples_by_spacing.png", "model.ckpt"):
         assert (out / name).stat().st_size > 0
@@ -597,6 +602,7 @@ def test_run_experiment_refuses_eta_above_one_before_training(tmp_path):
     (["--etas", "1.5"], "--etas must be in [0, 1], got 1.5"),
     (["--etas", "nan"], "--etas must be in [0, 1], got nan"),
     (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--sampling_seeds", "0"], "--sampling_seeds must be >= 1"),
 ])
 def test_run_experiment_bad_input(experiment, tmp_path, capsys, monkeypatch, args, message):
     """In-process (the subprocess test above covers the real command line): refused before any data

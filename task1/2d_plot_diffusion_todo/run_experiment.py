@@ -93,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override the recipe's number of training iterations (for quick checks)")
     parser.add_argument("--num_samples", type=int, default=NUM_EVAL_SAMPLES,
                         help="points generated per setting and reference points (the course uses 2048)")
+    parser.add_argument("--sampling_seeds", type=int, default=3,
+                        help="draws of x_T per setting: the spacing table gives the CD's mean and standard "
+                             "error over them; the steps x eta grid shows the first draw (seeded by --seed)")
     parser.add_argument("--timing_rounds", type=int, default=TIMING_ROUNDS,
                         help="interleaved rounds over which each sampler's time is the median")
     parser.add_argument("--gpu", type=int, default=0, help="which CUDA device to use when CUDA is available")
@@ -108,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.sampling_seeds < 1:
+        parser.error(f"--sampling_seeds must be >= 1, got {args.sampling_seeds}")
     if args.timing_rounds < 1:
         parser.error(f"--timing_rounds must be >= 1, got {args.timing_rounds}")
     try:
@@ -202,14 +207,22 @@ def time_samplers(samplers: dict, device, rounds: int, progress: bool = True) ->
     return {key: statistics.median(values) for key, values in seconds.items()}
 
 
-def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True):
-    """CD against reference [N, 2] of DDPM and of DDIM for every (spacing, steps, eta); the time of
-    DDPM and of the grid's spacing (args.timestep_spacing) at every (steps, eta).
+def mean_and_standard_error(values: List[float]):
+    """(mean, standard error of the mean); the error is None for a single value."""
+    if len(values) == 1:
+        return values[0], None
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
-    Every sampler starts from the same seed, so all of them share x_T, and a sub-sequence that two
-    spacings share (all four coincide at S = T) is sampled once.
-    Returns (ddpm, ddim rows of the grid's spacing, rows of every spacing, samples by key), keys
-    "ddpm" and (spacing, steps, eta).
+
+def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True):
+    """CD against reference [N, 2] of DDPM and of DDIM for every (spacing, steps, eta), over
+    args.sampling_seeds draws of x_T; the time of DDPM and of the grid's spacing
+    (args.timestep_spacing) at every (steps, eta).
+
+    Draw k of every sampler starts from seed args.seed + 1000 k, so all samplers share each x_T,
+    and a sub-sequence that two spacings share (all four coincide at S = T) is sampled once.
+    Returns (ddpm, ddim rows of the grid's spacing, rows of every spacing, samples of the first
+    draw by key), keys "ddpm" and (spacing, steps, eta). "cd" is always the first draw's.
     """
     device = model.device
     num_train_timesteps = model.var_scheduler.num_train_timesteps
@@ -235,18 +248,25 @@ def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bo
                 samples[key], cds[key] = samples[same], cds[same]
                 continue
             key_of_trajectory[trajectory] = key
-        torch.manual_seed(args.seed)
-        samples[key] = sample_fn().cpu()
-        cds[key] = float(chamfer_distance(samples[key], reference))
+        cds[key] = []
+        for draw in range(args.sampling_seeds):
+            torch.manual_seed(args.seed + 1000 * draw)
+            sample = sample_fn().cpu()
+            samples.setdefault(key, sample)
+            cds[key].append(float(chamfer_distance(sample, reference)))
 
     timed = {key: value for key, value in samplers.items() if key == "ddpm" or key[0] == args.timestep_spacing}
     seconds = time_samplers(timed, device, args.timing_rounds, progress)
 
-    ddpm = {"cd": cds["ddpm"], "seconds": seconds["ddpm"]}
-    ddim = [{"steps": steps, "eta": eta, "cd": cds[(args.timestep_spacing, steps, eta)],
+    def cd_fields(key) -> dict:
+        mean, standard_error = mean_and_standard_error(cds[key])
+        return {"cd": cds[key][0], "cd_mean": mean, "cd_se": standard_error, "cds": cds[key]}
+
+    ddpm = {**cd_fields("ddpm"), "seconds": seconds["ddpm"]}
+    ddim = [{"steps": steps, "eta": eta, "cd": cds[(args.timestep_spacing, steps, eta)][0],
              "seconds": seconds[(args.timestep_spacing, steps, eta)]}
             for eta in args.etas for steps in args.ddim_steps]
-    spacing_rows = [{"timestep_spacing": spacing, "steps": steps, "eta": eta, "cd": cds[(spacing, steps, eta)]}
+    spacing_rows = [{"timestep_spacing": spacing, "steps": steps, "eta": eta, **cd_fields((spacing, steps, eta))}
                     for spacing in TIMESTEP_SPACINGS for eta in args.etas for steps in args.ddim_steps]
     return ddpm, ddim, spacing_rows, samples
 
@@ -263,14 +283,20 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {eta} | " + " | ".join(format(by_setting[(s, eta)][field], fmt) for s in steps) + " |")
         return lines
 
-    spacing_cd = {(row["timestep_spacing"], row["steps"], row["eta"]): row["cd"] for row in results["spacings"]}
+    spacing_rows = {(row["timestep_spacing"], row["steps"], row["eta"]): row for row in results["spacings"]}
+
+    def mean_pm_se(row: dict) -> str:
+        return f"{row['cd_mean']:.3f}" + ("" if row["cd_se"] is None else f" ± {row['cd_se']:.3f}")
+
     spacing_table = ["| steps S | eta | " + " | ".join(TIMESTEP_SPACINGS) + " |",
                      "|---|---|" + "---|" * len(TIMESTEP_SPACINGS)]
     for eta in etas:
         for s in steps:
-            row = [spacing_cd[(spacing, s, eta)] for spacing in TIMESTEP_SPACINGS]
-            cells = [f"**{cd:.3f}**" if cd == min(row) else f"{cd:.3f}" for cd in row]
+            row = [spacing_rows[(spacing, s, eta)] for spacing in TIMESTEP_SPACINGS]
+            best = min(r["cd_mean"] for r in row)
+            cells = [f"**{mean_pm_se(r)}**" if r["cd_mean"] == best else mean_pm_se(r) for r in row]
             spacing_table.append(f"| {s} | {eta} | " + " | ".join(cells) + " |")
+    num_draws = len(results["ddpm"]["cds"])
 
     ddpm = results["ddpm"]
     lines = [
@@ -280,7 +306,8 @@ def results_markdown(results: dict) -> str:
         f"differ when other work shares the machine). Floor (two independent draws of the target): "
         f"CD = {results['floor_cd']:.3f}.",
         "",
-        f"**DDPM** (1000 steps): CD = {ddpm['cd']:.3f}, sampling {ddpm['seconds']:.3f} s.",
+        f"**DDPM** (1000 steps): CD = {ddpm['cd']:.3f}, sampling {ddpm['seconds']:.3f} s; over {num_draws} "
+        f"draws of x_T: {mean_pm_se(ddpm)}.",
         "",
         f"**DDIM Chamfer distance**, `{results['timestep_spacing']}` spacing (lower is better):",
         "",
@@ -300,8 +327,8 @@ def results_markdown(results: dict) -> str:
         lines.append(f"| {s} | {s / NUM_TRAIN_TIMESTEPS:.3f} | {ratio:.3f} |")
     lines += [
         "",
-        "**DDIM Chamfer distance by timestep spacing** (the best of each row in bold; the same x_T "
-        "for all):",
+        f"**DDIM Chamfer distance by timestep spacing**: mean ± standard error over {num_draws} draws of x_T "
+        f"(the same draws for every cell; the lowest mean of each row in bold):",
         "",
         *spacing_table,
     ]
@@ -371,12 +398,13 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     for ax, eta in zip(axes[0], etas):
         for name in TIMESTEP_SPACINGS:
             rows = [r for r in results["spacings"] if r["timestep_spacing"] == name and r["eta"] == eta]
-            ax.plot([r["steps"] for r in rows], [r["cd"] for r in rows], marker="o", label=name)
+            ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], marker="o", capsize=3,
+                        yerr=[r["cd_se"] or 0 for r in rows], label=name)
         ax.axhline(results["ddpm"]["cd"], color="black", linestyle="--", label="DDPM (1000 steps)")
         ax.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor")
         ax.set(xscale="log", yscale="log", xlabel="steps S", title=f"eta = {eta}")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("Chamfer distance")
+    axes[0][0].set_ylabel(f"Chamfer distance (mean ± SE, {len(results['ddpm']['cds'])} draws)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"DDIM CD against steps by timestep spacing ({results['recipe']} recipe)")
     fig.tight_layout()
