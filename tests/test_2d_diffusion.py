@@ -589,7 +589,7 @@ def test_run_experiment_refuses_eta_above_one_before_training(tmp_path):
     """The real command line: one line on stderr, exit 2, no traceback, nothing written."""
     result = run_experiment("--out", str(tmp_path / "out"), "--etas", "0", "1.5")
     assert result.returncode == 2
-    assert result.stderr.strip() == "run_experiment.py: error: --etas must be in [0, 1], got 1.5"
+    assert result.stderr.strip() == "run_experiment.py: error: --etas: eta must be in [0, 1], got 1.5"
     assert not (tmp_path / "out").exists()
 
 
@@ -598,9 +598,9 @@ def test_run_experiment_refuses_eta_above_one_before_training(tmp_path):
     (["--timestep_spacing", "cubic"], "invalid choice"),
     (["--ddim_steps", "0"], "--ddim_steps must be between 1 and 1000"),
     (["--ddim_steps", "1001"], "--ddim_steps must be between 1 and 1000"),
-    (["--etas", "-0.5"], "--etas must be in [0, 1], got -0.5"),
-    (["--etas", "1.5"], "--etas must be in [0, 1], got 1.5"),
-    (["--etas", "nan"], "--etas must be in [0, 1], got nan"),
+    (["--etas", "-0.5"], "--etas: eta must be in [0, 1], got -0.5"),
+    (["--etas", "1.5"], "--etas: eta must be in [0, 1], got 1.5"),
+    (["--etas", "nan"], "--etas: eta must be in [0, 1], got nan"),
     (["--iterations", "0"], "--iterations must be >= 1"),
     (["--sampling_seeds", "0"], "--sampling_seeds must be >= 1"),
 ])

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
-from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, atomic_write, ddim_timesteps
+from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, atomic_write, check_eta, ddim_timesteps
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -104,9 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad_steps = [s for s in args.ddim_steps if not 1 <= s <= NUM_TRAIN_TIMESTEPS]
     if bad_steps:
         parser.error(f"--ddim_steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {bad_steps[0]}")
-    bad_etas = [e for e in args.etas if not 0 <= e <= 1]
-    if bad_etas:
-        parser.error(f"--etas must be in [0, 1], got {bad_etas[0]}")
+    for eta in args.etas:
+        try:
+            check_eta(eta)
+        except ValueError as error:
+            parser.error(f"--etas: {error}")
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
