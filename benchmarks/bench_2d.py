@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/bench_2d.py
 
+Exits non-zero when a bound is missed:
+- at N = 20,000 points per set, the KD-tree is at least MIN_SPEEDUP (10) times faster than brute
+  force (the full distance matrix, built in chunks), measured in the same run;
+- it agrees with brute force to a relative MAX_RELATIVE_DIFFERENCE (1e-9) at every N;
+- at 100,000 x 100,000 points the call raises the process's peak memory by at most
+  MAX_PEAK_GROWTH_MIB (256 MiB; a dense float32 distance matrix would be 37 GiB).
 Times are ratios within one run (the machine may be shared); the DDIM-vs-DDPM sampling-time
 ratios are measured by run_experiment.py itself (results.md, "DDIM time relative to DDPM").
 """
@@ -15,6 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "task1" / "2d_plot_diffusion_todo"))
 from chamferdist import chamfer_distance  # noqa: E402
+
+MIN_SPEEDUP = 10
+MAX_RELATIVE_DIFFERENCE = 1e-9
+MAX_PEAK_GROWTH_MIB = 256
 
 
 def brute_force(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> float:
@@ -30,24 +40,37 @@ def timed(fn):
     return value, time.perf_counter() - start
 
 
-def main():
+def main() -> int:
+    failures = []
     rng = np.random.default_rng(0)
     # First, while the process is small: the peak RSS then shows what the KD-trees need.
     a, b = rng.normal(size=(100_000, 2)), rng.normal(size=(100_000, 2))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     _, seconds = timed(lambda: chamfer_distance(a, b))
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"N = 100000 x 100000: KD-tree {seconds:.3f} s; peak RSS of this process {rss_after / 1024:.0f} MiB "
-          f"(grew by {(rss_after - rss_before) / 1024:.0f} MiB; a dense 100k x 100k float32 matrix would be 37 GiB)")
+    growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    print(f"N = 100000 x 100000: KD-tree {seconds:.3f} s; peak RSS grew by {growth_mib:.0f} MiB "
+          f"(bound {MAX_PEAK_GROWTH_MIB} MiB; a dense 100k x 100k float32 matrix would be 37 GiB)")
+    if growth_mib > MAX_PEAK_GROWTH_MIB:
+        failures.append(f"peak memory grew by {growth_mib:.0f} MiB > {MAX_PEAK_GROWTH_MIB} MiB at 100k points")
 
     print("Chamfer distance, KD-tree vs brute force (2D Gaussian point sets):")
     for n in (2_048, 20_000):
         a, b = rng.normal(size=(n, 2)), rng.normal(size=(n, 2))
         kd_value, kd_seconds = timed(lambda: chamfer_distance(a, b))
         bf_value, bf_seconds = timed(lambda: brute_force(torch.from_numpy(a), torch.from_numpy(b)))
+        speedup, difference = bf_seconds / kd_seconds, abs(kd_value - bf_value) / bf_value
         print(f"  N = {n:>6}: KD-tree {kd_seconds:.3f} s, brute force {bf_seconds:.3f} s "
-              f"(x{bf_seconds / kd_seconds:.0f}); relative difference {abs(kd_value - bf_value) / bf_value:.1e}")
+              f"(x{speedup:.0f}); relative difference {difference:.1e}")
+        if difference > MAX_RELATIVE_DIFFERENCE:
+            failures.append(f"N = {n}: KD-tree and brute force differ by {difference:.1e} > {MAX_RELATIVE_DIFFERENCE}")
+        if n == 20_000 and speedup < MIN_SPEEDUP:
+            failures.append(f"N = {n}: KD-tree only x{speedup:.1f} faster than brute force (bound x{MIN_SPEEDUP})")
+
+    for failure in failures:
+        print(f"bench_2d.py: FAILED: {failure}", file=sys.stderr)
+    print("all bounds met" if not failures else f"{len(failures)} bound(s) missed")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -69,8 +69,11 @@ def test_chamfer_equals_brute_force(course, n, m, dim):
     _, _, chamferdist, _ = course
     generator = torch.Generator().manual_seed(n + m)
     a, b = torch.randn(n, dim, generator=generator), torch.randn(m, dim, generator=generator) * 2
-    assert chamferdist.chamfer_distance(a, b) == pytest.approx(brute_force_chamfer(a, b), rel=1e-9)
+    cd = chamferdist.chamfer_distance(a, b)
+    assert cd == pytest.approx(brute_force_chamfer(a, b), rel=1e-9)
     assert chamferdist.chamfer_distance(a, a) == 0.0
+    # The course's returns a numpy float64, and its notebook prints cd.item().
+    assert type(cd) is np.float64 and type(cd.item()) is float
 
 
 def test_chamfer_rejects_mismatched_dimensions(course):
@@ -144,14 +147,24 @@ def test_ddpm_trajectory_matches_diffusers(course):
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("num_steps", [7, 50, 333])
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_trajectory_matches_diffusers(course, num_steps, eta):
-    module = make_module(course)
+def diffusers_ddim(timestep_spacing: str, num_steps: int) -> DDIMScheduler:
     reference = DDIMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                              clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+                              clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                              timestep_spacing=timestep_spacing)
     reference.set_timesteps(num_steps)
-    timesteps, prev_timesteps = module.ddim_timesteps(T, num_steps)
+    return reference
+
+
+@pytest.mark.parametrize("spacing, num_steps", [("leading", 7), ("leading", 50), ("leading", 333),
+                                                ("trailing", 10), ("trailing", 50), ("trailing", 200)])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_trajectory_matches_diffusers(course, spacing, num_steps, eta):
+    """Whole trajectories on the same noise. Trailing only where S divides T: otherwise diffusers
+    steps to t - T // S, which is not the next timestep of its own sub-sequence."""
+    ddpm, *_ = course
+    module = make_module(course)
+    reference = diffusers_ddim(spacing, num_steps)
+    timesteps, prev_timesteps = ddpm.ddim_timesteps(T, num_steps, spacing)
     assert timesteps.tolist() == reference.timesteps.tolist()
 
     ours = theirs = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
@@ -163,6 +176,84 @@ def test_ddim_trajectory_matches_diffusers(course, num_steps, eta):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+SUBSEQUENCE_STEPS = [1, 2, 3, 7, 10, 16, 20, 29, 30, 50, 61, 100, 103, 333, 500, 999, 1000]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_ddim_subsequences_equal_diffusers(course, spacing):
+    ddpm, *_ = course
+    for num_steps in SUBSEQUENCE_STEPS:
+        expected = diffusers_ddim(spacing, num_steps).timesteps.tolist()
+        if spacing == "trailing" and len(expected) == num_steps + 1:
+            # diffusers' floating-point arange(T, 0, -T / S) gives one value too many for some S
+            # (61, 103, ...): a last "timestep" of -1. The first S values are the sub-sequence.
+            assert expected[-1] == -1
+            expected = expected[:-1]
+        assert ddpm.ddim_timesteps(T, num_steps, spacing)[0].tolist() == expected, num_steps
+
+
+def test_quadratic_spacing_is_the_ddim_authors_formula(course):
+    ddpm, *_ = course
+    for num_steps in range(2, 30):  # no repeats up to S = 1 + sqrt(0.8 T) = 29
+        formula = [int(v) for v in np.linspace(0, np.sqrt(0.8 * T), num_steps) ** 2]  # tau = int(linspace ** 2)
+        assert len(set(formula)) == num_steps
+        assert ddpm.ddim_timesteps(T, num_steps, "quadratic")[0].tolist() == formula[::-1]
+    # From S = 30 on the formula repeats small timesteps; each repeat moves to one above its
+    # predecessor. S = 50: the formula starts 0, 0, 1, 2, 5, 8, 11, 16, ...
+    formula = [int(v) for v in np.linspace(0, np.sqrt(0.8 * T), 50) ** 2]
+    assert formula[:8] == [0, 0, 1, 2, 5, 8, 11, 16]
+    tau = ddpm.ddim_timesteps(T, 50, "quadratic")[0].flip(0).tolist()
+    assert tau[:4] == [0, 1, 2, 3] and tau[4:] == formula[4:]
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing", "quadratic"])
+def test_every_spacing_steps_to_the_next_timestep_and_ends_clean(course, spacing):
+    """For every S from 1 to T: S distinct timesteps in [0, T-1], descending; each step goes to the
+    next one of the sub-sequence (not to t - T // S, as diffusers' DDIM does under linspace) and
+    the last to -1 (alpha_bar = 1, a clean sample). All but trailing end at t = 0; trailing ends
+    at round(T / S) - 1, where diffusers' ends."""
+    ddpm, *_ = course
+    for num_steps in range(1, T + 1):
+        timesteps, prev_timesteps = ddpm.ddim_timesteps(T, num_steps, spacing)
+        tau = timesteps.tolist()
+        assert len(tau) == num_steps and len(set(tau)) == num_steps, num_steps
+        assert all(a > b for a, b in zip(tau, tau[1:])) and 0 <= tau[-1] and tau[0] <= T - 1, num_steps
+        assert prev_timesteps.tolist() == tau[1:] + [-1], num_steps
+        assert tau[-1] == (round(T / num_steps) - 1 if spacing == "trailing" else 0), num_steps
+    # diffusers' linspace would step 999 -> 899 at S = 10; the next timestep is 888.
+    if spacing == "linspace":
+        timesteps, prev_timesteps = ddpm.ddim_timesteps(T, 10, spacing)
+        assert (timesteps[0].item(), prev_timesteps[0].item()) == (999, 888)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing", "quadratic"])
+def test_last_ddim_step_lands_on_the_clean_sample(course, spacing):
+    """The last step (to prev = -1) returns the predicted x_0 itself, with no noise even at eta = 1:
+    with the exact Gaussian denoiser, x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) in closed form."""
+    ddpm, *_ = course
+    module = make_module(course)
+    timesteps, prev_timesteps = ddpm.ddim_timesteps(T, 10, spacing)
+    t, t_prev = timesteps[-1], prev_timesteps[-1]
+    xt = torch.randn(64, 2, dtype=torch.float64)
+    module.double()
+    x0 = module.ddim_p_sample(xt, t, t_prev, eta=1.0, noise=torch.randn(64, 2, dtype=torch.float64))
+    a = module.var_scheduler.alphas_cumprod[t]
+    expected = (xt - (1 - a).sqrt() * module.network(xt, t)) / a.sqrt()
+    torch.testing.assert_close(x0, expected, atol=1e-12, rtol=0)
+
+
+def test_ddim_loop_follows_the_subsequence(course, monkeypatch):
+    ddpm, *_ = course
+    module = make_module(course)
+    steps = []
+    step = module.ddim_p_sample
+    monkeypatch.setattr(module, "ddim_p_sample",
+                        lambda xt, t, t_prev, eta: steps.append((int(t), int(t_prev))) or step(xt, t, t_prev, eta))
+    module.ddim_p_sample_loop((8, 2), num_inference_timesteps=10, eta=0.5, timestep_spacing="linspace")
+    timesteps, prev_timesteps = ddpm.ddim_timesteps(T, 10, "linspace")
+    assert steps == list(zip(timesteps.tolist(), prev_timesteps.tolist()))
+
+
 def test_ddim_all_steps_eta_one_is_ddpm_with_posterior_variance(course):
     module = make_module(course)
     torch.manual_seed(7)
@@ -172,21 +263,21 @@ def test_ddim_all_steps_eta_one_is_ddpm_with_posterior_variance(course):
     torch.testing.assert_close(ddim_samples, ddpm_samples, atol=1e-4, rtol=0)
 
 
-def ddim_output_moments(num_steps: int, eta: float):
+def ddim_output_moments(timesteps, eta: float):
     """Mean and std per coordinate of DDIM's output with the exact Gaussian denoiser, in closed form.
 
     With eps_theta linear in x_t, one DDIM step is x' = A x + B + sigma z, so starting from
     x_T ~ N(0, I) the mean and variance follow m' = A m + B, v' = A^2 v + sigma^2. DDIM is not exact
     at finite S (its output is narrower than the data), which is why this, not N(mu, s^2), is the
-    reference for S < T.
+    reference for S < T. timesteps: the sub-sequence, descending; each step goes to the next one,
+    the last to alpha_bar = 1.
     """
     alpha_bar = np.cumprod(1 - np.linspace(1e-4, 0.02, T, dtype=np.float32).astype(np.float64))
     mu, s2 = DATA_MEAN.double().numpy(), DATA_STD**2
     mean, var = np.zeros(2), np.ones(2)
-    ratio = T // num_steps
-    for t in range(ratio * (num_steps - 1), -1, -ratio):
+    for t, t_prev in zip(timesteps, [*timesteps[1:], None]):
         a = alpha_bar[t]
-        a_prev = alpha_bar[t - ratio] if t - ratio >= 0 else 1.0
+        a_prev = 1.0 if t_prev is None else alpha_bar[t_prev]
         g = np.sqrt(1 - a) / (a * s2 + 1 - a)  # eps_theta = g (x - sqrt(a) mu)
         sigma = eta * np.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         direction = np.sqrt(1 - a_prev - sigma**2)
@@ -196,17 +287,22 @@ def ddim_output_moments(num_steps: int, eta: float):
     return mean, np.sqrt(var)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim10", "ddim50", "ddim50_eta1"])
+@pytest.mark.parametrize("sampler", [None, ("leading", 10, 0.0), ("leading", 50, 0.0), ("leading", 50, 1.0),
+                                     ("linspace", 10, 0.0), ("trailing", 10, 1.0), ("quadratic", 10, 0.0),
+                                     ("quadratic", 50, 0.5)])
 def test_samplers_with_the_exact_denoiser_match_the_closed_form(course, sampler):
+    """DDPM (sampler None) and DDIM (spacing, steps, eta) with the exact denoiser of a Gaussian."""
+    ddpm, *_ = course
     module = make_module(course)
     torch.manual_seed(0)
-    if sampler == "ddpm":
+    if sampler is None:
         samples = module.p_sample_loop((20_000, 2))
         expected_mean, expected_std = DATA_MEAN.numpy(), np.full(2, DATA_STD)
     else:
-        steps, eta = (10, 0.0) if sampler == "ddim10" else (50, 1.0 if sampler.endswith("eta1") else 0.0)
-        samples = module.ddim_p_sample_loop((20_000, 2), num_inference_timesteps=steps, eta=eta)
-        expected_mean, expected_std = ddim_output_moments(steps, eta)
+        spacing, steps, eta = sampler
+        samples = module.ddim_p_sample_loop((20_000, 2), num_inference_timesteps=steps, eta=eta,
+                                            timestep_spacing=spacing)
+        expected_mean, expected_std = ddim_output_moments(ddpm.ddim_timesteps(T, steps, spacing)[0].tolist(), eta)
     # 20,000 samples: the standard error of the mean is 0.0035 and of the std 0.0025.
     np.testing.assert_allclose(samples.mean(0).numpy(), expected_mean, atol=0.015)
     np.testing.assert_allclose(samples.std(0).numpy(), expected_std, atol=0.012)
@@ -232,8 +328,14 @@ def test_ddim_rejects_bad_settings(course):
     module = make_module(course)
     with pytest.raises(ValueError, match="num_inference_timesteps"):
         module.ddim_p_sample_loop((4, 2), num_inference_timesteps=0)
-    with pytest.raises(ValueError, match="eta"):
-        module.ddim_p_sample_loop((4, 2), num_inference_timesteps=10, eta=-0.1)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        module.ddim_p_sample_loop((4, 2), timestep_spacing="cubic")
+    # eta > 1 would make 1 - alpha_bar_prev - sigma^2 negative: a NaN sample, not an error.
+    for eta in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            module.ddim_p_sample_loop((4, 2), num_inference_timesteps=10, eta=eta)
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            module.ddim_p_sample(torch.zeros(4, 2), 500, 400, eta=eta)
 
 
 # --- Network, training, checkpoints --------------------------------------------------------------------
@@ -291,7 +393,157 @@ def test_swiss_roll_is_normalised_as_the_course_does(course):
         assert dataset.load_twodim(1000, name).shape == (1000, 2)
 
 
-# --- The experiment CLI and the notebook -------------------------------------------------------------------
+# --- Atomic writes ------------------------------------------------------------------------------------
+
+def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(course, tmp_path, monkeypatch):
+    ddpm, *_ = course
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(ddpm.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+
+    def fail_halfway(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        ddpm.atomic_write(str(path), fail_halfway)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    ddpm.atomic_write(str(path), lambda f: f.write(b"new"))
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert len(synced) == 1  # the new file was flushed to disk before the rename
+
+
+# --- The course's notebook, the course recipe, the experiment CLI, our notebook ----------------------------
+
+def test_course_notebook_cells_run_against_this_folder(course):
+    """The API calls of the course's own ddpm_tutorial.ipynb (its 2025 edition), in its order, with
+    device = "cpu" and no other change, and its bars for full credit: DDPM CD < 20, DDIM CD < 40.
+    Plots, widgets and progress bars are left out; every call into dataset.py, network.py, ddpm.py
+    and chamferdist.py is here. The notebook sets no seed; this test does, to be repeatable.
+    This is the suite's one full-size training (5000 iterations)."""
+    ddpm_module, network_module, chamferdist_module, dataset_module = course
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+    # Cell 1: `from dataset import TwoDimDataClass, get_data_iterator`; the target and prior sets.
+    TwoDimDataClass, get_data_iterator = dataset_module.TwoDimDataClass, dataset_module.get_data_iterator
+    target_ds = TwoDimDataClass(dataset_type='swiss_roll', N=1000000, batch_size=256)
+    prior_ds = TwoDimDataClass(dataset_type='gaussian_centered', N=1000000, batch_size=256)
+    num_vis_particles = 500
+    sample_f = target_ds[0:num_vis_particles]
+    sample_b = prior_ds[0:num_vis_particles]
+    assert sample_f.shape == sample_b.shape == (num_vis_particles, 2)
+
+    # Cell 3: `from network import SimpleNet`, `from ddpm import BaseScheduler, DiffusionModule`;
+    # the course's config (device "cuda:0" in the notebook) and build_ddpm.
+    SimpleNet = network_module.SimpleNet
+    BaseScheduler, DiffusionModule = ddpm_module.BaseScheduler, ddpm_module.DiffusionModule
+    device = "cpu"
+    config = {
+        "num_diffusion_steps": 1000,
+        "dim_hids": [128, 128, 128],
+        "lr": 1e-3,
+        "batch_size": 128,
+        "num_train_iters": 5000,
+        "device": device,
+    }
+
+    def build_ddpm(config):
+        network = SimpleNet(dim_in=2, dim_out=2, dim_hids=config["dim_hids"],
+                            num_timesteps=config["num_diffusion_steps"])
+        var_scheduler = BaseScheduler(config["num_diffusion_steps"])
+        return DiffusionModule(network, var_scheduler).to(config["device"])
+
+    ddpm = build_ddpm(config)
+
+    # Cell 5: q(x_t) at t = 0, 50, ..., 450, t given as a float tensor.
+    for t in range(0, 500, 50):
+        x_t = ddpm.q_sample(target_ds[:num_vis_particles].to(device), (torch.ones(num_vis_particles) * t).to(device))
+        x_t = x_t.cpu()
+        assert x_t.shape == (num_vis_particles, 2)
+
+    # Cell 6 shows the course's picture ../assets/images/qs.png: no call into this folder.
+
+    # Cell 8: training, with samples drawn at steps 0 and 4999.
+    ddpm = build_ddpm(config)
+    optimizer = torch.optim.Adam(ddpm.parameters(), lr=config["lr"])
+    train_dl = torch.utils.data.DataLoader(target_ds, batch_size=config["batch_size"])
+    train_iter = get_data_iterator(train_dl)
+    losses = []
+    for step in range(config["num_train_iters"]):
+        optimizer.zero_grad()
+        batch_x = next(train_iter)
+        batch_x = batch_x.to(device)
+        loss = ddpm.compute_loss(batch_x)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 4999 == 0:
+            with torch.no_grad():
+                x0 = ddpm.p_sample_loop(shape=(num_vis_particles, 2)).cpu()
+            assert x0.shape == (num_vis_particles, 2)
+
+    # Cell 11: `from chamferdist import chamfer_distance`; DDPM on 2048 points, printed with
+    # cd.item(). Then the same for DDIM, with the call cell 8 names for it:
+    # ddpm.ddim_p_sample_loop(shape=...), at its defaults (50 steps, eta 0).
+    chamfer_distance = chamferdist_module.chamfer_distance
+    num_eval_particles = 2048
+    cds = {}
+    for name, sample_loop in (("DDPM", ddpm.p_sample_loop), ("DDIM", ddpm.ddim_p_sample_loop)):
+        pc_ref = target_ds[:num_eval_particles]
+        pc_gen = sample_loop(shape=(num_eval_particles, 2))
+        pc_gen = pc_gen.reshape(1, num_eval_particles, 2)
+        pc_ref = pc_ref.reshape(1, num_eval_particles, 2)
+        with torch.no_grad():
+            cd = chamfer_distance(
+                pc_gen.reshape(-1, 2).cpu().numpy(),
+                pc_ref.reshape(-1, 2).cpu().numpy(),
+            )
+        cds[name] = cd.item()
+        pc_gen = pc_gen.reshape(num_eval_particles, 2).cpu().numpy()
+        pc_ref = pc_ref.reshape(num_eval_particles, 2).cpu().numpy()
+    print(f"course notebook, seed 0: DDPM CD {cds['DDPM']:.2f}, DDIM CD {cds['DDIM']:.2f}")
+    assert np.mean(losses[-500:]) < 0.5 * np.mean(losses[:50])
+    assert cds["DDPM"] < 20 and cds["DDIM"] < 40
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    """run_experiment.py imported in-process (with its own imports of this folder's modules)."""
+    return load_module(TASK1_2D, "run_experiment")
+
+
+def test_course_recipe_trains_as_the_course_notebook(experiment):
+    """train() with the course recipe gives bit for bit the weights of the course notebook's
+    training cell (Adam over ddpm.parameters() at 1e-3, no warm-up, a DataLoader reading the
+    target in order), over the first 60 iterations from the same seed."""
+    recipe = experiment.replace(experiment.RECIPES["course"], num_iterations=60)
+    np.random.seed(0)
+    target = experiment.load_twodim(20_000, "swiss_roll")
+
+    torch.manual_seed(1)
+    ours, _ = experiment.train(experiment.build_model(recipe, "cpu"),
+                               experiment.training_batches(recipe, target), recipe, progress=False)
+
+    torch.manual_seed(1)
+    ddpm = experiment.build_model(recipe, "cpu")  # cell 8, transcribed
+    optimizer = torch.optim.Adam(ddpm.parameters(), lr=1e-3)
+    train_iter = experiment.get_data_iterator(torch.utils.data.DataLoader(target, batch_size=128))
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = ddpm.compute_loss(next(train_iter))
+        loss.backward()
+        optimizer.step()
+
+    for name, value in ddpm.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    # The batches are the target read in order, starting again after its end.
+    batches = experiment.training_batches(experiment.replace(recipe, batch_size=8_000), target)
+    assert [torch.equal(next(batches), target[i:i + 8_000]) for i in (0, 8_000)] == [True, True]
+    assert torch.equal(next(batches), target[16_000:]) and torch.equal(next(batches), target[:8_000])
+
 
 def run_experiment(*args):
     return subprocess.run([sys.executable, "run_experiment.py", *args], cwd=TASK1_2D, capture_output=True, text=True)
@@ -300,42 +552,79 @@ def run_experiment(*args):
 def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     out = tmp_path / "out"
     result = run_experiment("--recipe", "course", "--seed", "0", "--out", str(out), "--iterations", "300",
-                            "--ddim_steps", "10", "20", "--etas", "0", "1", "--num_samples", "256")
+                            "--ddim_steps", "10", "20", "--etas", "0", "1", "--num_samples", "256",
+                            "--timestep_spacing", "quadratic", "--timing_rounds", "1")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"recipe", "seed", "train_seconds", "floor_cd", "ddpm", "ddim"}
-    assert results["recipe"] == "course" and results["seed"] == 0
-    assert set(results["ddpm"]) == {"cd", "seconds"}
+    # DESIGN.md's schema, plus the fields added since.
+    assert set(results) == {"recipe", "seed", "train_seconds", "floor_cd", "ddpm", "ddim", "train_cpu_seconds",
+                            "recipe_config", "num_samples", "timestep_spacing", "spacings"}
+    assert results["recipe"] == "course" and results["seed"] == 0 and results["timestep_spacing"] == "quadratic"
+    assert results["recipe_config"]["num_iterations"] == 300 and results["num_samples"] == 256
+    assert set(results["ddpm"]) == {"cd", "seconds", "cd_mean", "cd_se", "cds"}
     assert [(row["steps"], row["eta"]) for row in results["ddim"]] == [(10, 0.0), (20, 0.0), (10, 1.0), (20, 1.0)]
     for row in results["ddim"]:
         assert set(row) == {"steps", "eta", "cd", "seconds"} and row["cd"] > 0 and row["seconds"] > 0
     assert 0 < results["floor_cd"] < results["ddpm"]["cd"]
-    for name in ("results.md", "loss.png", "samples.png", "cd_time_vs_steps.png", "model.ckpt"):
+    # The spacing table: every spacing at every (steps, eta); the grid is the quadratic rows.
+    spacing_cd = {(r["timestep_spacing"], r["steps"], r["eta"]): r["cd"] for r in results["spacings"]}
+    assert set(spacing_cd) == {(s, n, e) for s in ("leading", "linspace", "trailing", "quadratic")
+                               for n in (10, 20) for e in (0.0, 1.0)}
+    assert all(spacing_cd[("quadratic", r["steps"], r["eta"])] == r["cd"] for r in results["ddim"])
+    assert len(set(spacing_cd.values())) == len(spacing_cd)  # different sub-sequences, different samples
+    # Over --sampling_seeds (default 3) draws of x_T: the first is the grid's, then mean and standard error.
+    for row in [results["ddpm"], *results["spacings"]]:
+        assert len(row["cds"]) == 3 and row["cds"][0] == row["cd"] and len(set(row["cds"])) == 3
+        assert row["cd_mean"] == pytest.approx(np.mean(row["cds"]))
+        assert row["cd_se"] == pytest.approx(np.std(row["cds"], ddof=1) / np.sqrt(3))
+    for name in ("results.md", "loss.png", "samples.png", "cd_time_vs_steps.png", "cd_vs_steps_by_spacing.png",
+                 "samples_by_spacing.png", "model.ckpt"):
         assert (out / name).stat().st_size > 0
     assert "| eta \\ steps | 10 | 20 |" in result.stdout
+    assert "| steps S | eta | leading | linspace | trailing | quadratic |" in result.stdout
+    assert str(tmp_path) not in (out / "results.json").read_text()  # no absolute path in the results
+
+
+def test_run_experiment_refuses_eta_above_one_before_training(tmp_path):
+    """The real command line: one line on stderr, exit 2, no traceback, nothing written."""
+    result = run_experiment("--out", str(tmp_path / "out"), "--etas", "0", "1.5")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "run_experiment.py: error: --etas: eta must be in [0, 1], got 1.5"
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, message", [
     (["--recipe", "fancy"], "invalid choice"),
+    (["--timestep_spacing", "cubic"], "invalid choice"),
     (["--ddim_steps", "0"], "--ddim_steps must be between 1 and 1000"),
     (["--ddim_steps", "1001"], "--ddim_steps must be between 1 and 1000"),
-    (["--etas", "-0.5"], "--etas must be >= 0"),
+    (["--etas", "-0.5"], "--etas: eta must be in [0, 1], got -0.5"),
+    (["--etas", "1.5"], "--etas: eta must be in [0, 1], got 1.5"),
+    (["--etas", "nan"], "--etas: eta must be in [0, 1], got nan"),
+    (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--sampling_seeds", "0"], "--sampling_seeds must be >= 1"),
 ])
-def test_run_experiment_bad_input(tmp_path, args, message):
-    result = run_experiment("--out", str(tmp_path), *args)
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert list(tmp_path.iterdir()) == []
+def test_run_experiment_bad_input(experiment, tmp_path, capsys, monkeypatch, args, message):
+    """In-process (the subprocess test above covers the real command line): refused before any data
+    or training, with one line."""
+    monkeypatch.setattr(experiment, "load_twodim", lambda *a, **k: pytest.fail("drew data before refusing"))
+    monkeypatch.setattr(experiment, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--out", str(tmp_path / "out"), *args])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
-def test_run_experiment_unwritable_out_dir(tmp_path):
+def test_run_experiment_unwritable_out_dir(experiment, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
-    result = run_experiment("--out", str(blocker / "results"))
-    assert result.returncode != 0
-    assert "cannot write to --out" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--out", str(blocker / "results")])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "cannot write to --out" in stderr and len(stderr.strip().splitlines()) == 1
     assert blocker.read_text() == "keep me"
 
 

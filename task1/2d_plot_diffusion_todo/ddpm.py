@@ -5,7 +5,7 @@ are 0-indexed, t in {0, ..., T-1}; alpha_bar before the first step is 1.
 """
 import os
 import tempfile
-from typing import Optional
+from typing import BinaryIO, Callable, Optional
 
 import numpy as np
 import torch
@@ -34,17 +34,89 @@ def extract(input: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
 
-def atomic_torch_save(obj, file_path: str) -> None:
-    """torch.save to a temporary file beside file_path, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(file_path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """write(f) into a temporary file beside path, fsync it, then rename it over path.
+
+    Readers (and a crash) see the old file or the new one, never half of one; on failure the
+    temporary file is removed and path is untouched. The temporary file is in path's own folder
+    because a rename is only atomic within one file system.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp_path, file_path)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
     except BaseException:
-        os.unlink(tmp_path)
+        os.unlink(temporary)
         raise
+
+
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "quadratic")
+
+
+def ddim_timesteps(num_train_timesteps: int, num_inference_timesteps: int, timestep_spacing: str = "leading"):
+    """DDIM's sub-sequence tau of S = num_inference_timesteps timesteps out of T, and where each step goes.
+
+    Returns (timesteps, prev_timesteps), both [S] int64 and descending: the sampler steps from
+    timesteps[i] to prev_timesteps[i] = timesteps[i + 1], the NEXT timestep of the sub-sequence,
+    and the last step goes to prev = -1, where alpha_bar = 1: a clean sample.
+
+    The spacings (0-indexed timesteps, i = 0, ..., S-1):
+    - "leading" (the course's default and diffusers'): tau_i = i * (T // S), from 0 up to
+      (S - 1) * (T // S), so x_T ~ N(0, I) enters at t = 900, not T - 1, when T = 1000 and S = 10.
+      The DDIM paper's "linear" selection (its appendix on choosing the sub-sequence); the
+      authors' code takes range(0, T, T // S), the same when S divides T.
+    - "linspace" (diffusers): tau_i = round(i * (T - 1) / (S - 1)), from 0 to T - 1.
+    - "trailing" (diffusers; Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+      are Flawed", Table 2): tau = round(T - j * T / S) - 1 for j = 0..S-1, from T - 1 down to
+      round(T / S) - 1, so it starts at the last training timestep and never reaches t = 0 (its
+      last step jumps from round(T / S) - 1 straight to the clean sample).
+    - "quadratic" (the DDIM paper's choice for CIFAR-10, in the same appendix; the formula is the
+      authors' code's): tau_i = int((i * sqrt(0.8 T) / (S - 1)) ** 2), from 0 to 0.8 T, dense near
+      t = 0, where the noise level sqrt(1 - alpha_bar_t) changes fastest from one timestep to the next.
+
+    Where diffusers differs: its DDIMScheduler steps from t to t - T // S whatever the spacing.
+    Under "linspace" (and "trailing" when S does not divide T) that is not the next timestep of
+    the sub-sequence (T = 1000, S = 10, linspace: 999 -> 899, though the next is 888); here every
+    step goes to the next timestep. Its "trailing" also computes tau with a floating-point arange
+    that, for some S (61, 103, ...), yields S + 1 values ending in -1; here tau has S values.
+
+    Repeats: rounding can give one timestep twice only in "quadratic", where the squared grid is
+    denser than the integers near 0 (at T = 1000, for S > 29). The authors' code then takes an
+    identity step (alpha_bar_t = alpha_bar_prev): a network call spent for nothing. Here a repeat
+    is moved to one above its predecessor (tau_i = max(tau_i, tau_{i-1} + 1)), so tau always has
+    S distinct timesteps, all <= max(0.8 T, S - 1) <= T - 1, and S network calls all do work.
+    "leading" (step T // S >= 1), "linspace" and "trailing" (steps >= 1 before rounding) never
+    repeat one.
+    """
+    T, S = num_train_timesteps, num_inference_timesteps
+    if not 1 <= S <= T:
+        raise ValueError(f"num_inference_timesteps must be in [1, {T}], got {S}")
+    if timestep_spacing == "leading":
+        tau = np.arange(S) * (T // S)
+    elif timestep_spacing == "linspace":
+        tau = np.round(np.linspace(0, T - 1, S))
+    elif timestep_spacing == "trailing":
+        tau = (np.round(T - np.arange(S) * (T / S)) - 1)[::-1]
+    elif timestep_spacing == "quadratic":
+        tau = (np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64)
+        for i in range(1, S):
+            tau[i] = max(tau[i], tau[i - 1] + 1)
+    else:
+        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {timestep_spacing!r}")
+    timesteps = torch.from_numpy(tau[::-1].astype(np.int64).copy())
+    prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
+    return timesteps, prev_timesteps
+
+
+def check_eta(eta: float) -> None:
+    """DDIM's eta interpolates between the deterministic sampler (0) and DDPM's posterior variance
+    (1); above 1, 1 - alpha_bar_prev - sigma^2 can turn negative and the step would be NaN."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
 
 
 class BaseScheduler(nn.Module):
@@ -104,7 +176,7 @@ class DiffusionModule(nn.Module):
         return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * noise
 
     @torch.no_grad()
-    def p_sample(self, xt: torch.Tensor, t, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def p_sample(self, xt: torch.Tensor, t, *, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One DDPM step x_t -> x_{t-1} (DDPM Algorithm 2, line 4).
 
         The variance is the posterior's, sigma_t^2 = beta_tilde_t = (1 - alpha_bar_{t-1}) /
@@ -138,14 +210,15 @@ class DiffusionModule(nn.Module):
         return xt
 
     @torch.no_grad()
-    def ddim_p_sample(self, xt: torch.Tensor, t, t_prev, eta: float = 0.0,
+    def ddim_p_sample(self, xt: torch.Tensor, t, t_prev, eta: float = 0.0, *,
                       noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One DDIM step x_{tau_i} -> x_{tau_{i-1}} (DDIM Eq. 12).
 
-        xt: [B, D]; t = tau_i and t_prev = tau_{i-1} (t_prev < 0 means the step to x_0); eta
-        scales the noise: 0 is the deterministic DDIM, 1 the DDPM posterior variance.
+        xt: [B, D]; t = tau_i and t_prev = tau_{i-1} (t_prev < 0 means the step to x_0); eta in
+        [0, 1] scales the noise: 0 is the deterministic DDIM, 1 the DDPM posterior variance.
         noise: [B, D] or None; drawn only when eta > 0.
         """
+        check_eta(eta)
         t = torch.as_tensor(t, device=xt.device).long()
         t_prev = torch.as_tensor(t_prev, device=xt.device).long()
         alpha_bar_t = extract(self.var_scheduler.alphas_cumprod, t, xt)
@@ -165,29 +238,19 @@ class DiffusionModule(nn.Module):
             x_t_prev = x_t_prev + sigma_t * default(noise, lambda: torch.randn_like(xt))
         return x_t_prev
 
-    @staticmethod
-    def ddim_timesteps(num_train_timesteps: int, num_inference_timesteps: int):
-        """The sub-sequence tau, evenly spaced from 0 ("leading" spacing), and the step before each.
-
-        Returns (timesteps, prev_timesteps), both [S] int64, descending; prev is -1 at the end.
-        """
-        step_ratio = num_train_timesteps // num_inference_timesteps
-        timesteps = torch.from_numpy((np.arange(0, num_inference_timesteps) * step_ratio)[::-1].copy()).long()
-        return timesteps, timesteps - step_ratio
-
     @torch.no_grad()
-    def ddim_p_sample_loop(self, shape, num_inference_timesteps: int = 50, eta: float = 0.0) -> torch.Tensor:
-        """The DDIM reverse process over num_inference_timesteps steps of tau.
+    def ddim_p_sample_loop(self, shape, num_inference_timesteps: int = 50, eta: float = 0.0, *,
+                           timestep_spacing: str = "leading") -> torch.Tensor:
+        """The DDIM reverse process over the sub-sequence tau of num_inference_timesteps steps.
 
-        shape: e.g. (num_points, 2); eta: the stochasticity (0 = deterministic) -> x_0: shape
+        shape: e.g. (num_points, 2); eta in [0, 1]: the stochasticity (0 = deterministic);
+        timestep_spacing: how tau is chosen, one of TIMESTEP_SPACINGS (see ddim_timesteps;
+        "leading" is the course's) -> x_0: shape
         """
-        num_train_timesteps = self.var_scheduler.num_train_timesteps
-        if not 1 <= num_inference_timesteps <= num_train_timesteps:
-            raise ValueError(f"num_inference_timesteps must be in [1, {num_train_timesteps}], got {num_inference_timesteps}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
-        timesteps, prev_timesteps = self.ddim_timesteps(num_train_timesteps, num_inference_timesteps)
-
+        check_eta(eta)
+        timesteps, prev_timesteps = ddim_timesteps(
+            self.var_scheduler.num_train_timesteps, num_inference_timesteps, timestep_spacing
+        )
         xt = torch.randn(shape, device=self.device)
         for t, t_prev in zip(timesteps, prev_timesteps):
             xt = self.ddim_p_sample(xt, t, t_prev, eta)
@@ -207,7 +270,8 @@ class DiffusionModule(nn.Module):
     def save(self, file_path: str) -> None:
         """Write {"config", "state_dict"} (plain data and tensors: loads with weights_only=True), atomically."""
         config = {"network": self.network.config, "var_scheduler": self.var_scheduler.config}
-        atomic_torch_save({"config": config, "state_dict": self.state_dict()}, file_path)
+        checkpoint = {"config": config, "state_dict": self.state_dict()}
+        atomic_write(file_path, lambda f: torch.save(checkpoint, f))
 
     def load(self, file_path: str) -> None:
         """Rebuild the network and the schedule from a checkpoint written by save, and load its weights."""

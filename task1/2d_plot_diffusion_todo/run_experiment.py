@@ -3,8 +3,10 @@ and measure the Chamfer distance (CD) of each against the target, as the course 
 
     python run_experiment.py --recipe course --seed 0 --out ../../results/2d_course
 
+The DDIM grid (steps x eta) uses --timestep_spacing; a second table compares every spacing
+(leading, linspace, trailing, quadratic: see ddpm.ddim_timesteps) at the same steps and etas.
 Writes OUT/results.json, OUT/results.md, OUT/model.ckpt and figures (loss, samples, CD and time
-against steps).
+against steps, CD against steps per spacing).
 """
 import argparse
 import copy
@@ -15,16 +17,16 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
-from typing import List, Optional
+from dataclasses import asdict, dataclass, replace
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from chamferdist import chamfer_distance
-from dataset import load_twodim
-from ddpm import BaseScheduler, DiffusionModule
+from dataset import get_data_iterator, load_twodim
+from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, atomic_write, check_eta, ddim_timesteps
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -32,11 +34,12 @@ NUM_TARGET_POINTS = 1_000_000  # the course's target set; its first NUM_EVAL_SAM
 NUM_EVAL_SAMPLES = 2048
 DDIM_STEPS = [10, 20, 50, 100, 1000]
 DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
-# Sampling times are medians over TIMING_ROUNDS interleaved rounds (every sampler once per round,
-# so a change of machine load mid-run affects all alike); within a round a sampler with few steps
-# is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
+# Sampling times are medians over --timing_rounds interleaved rounds (every sampler once per
+# round, so a change of machine load mid-run affects all alike); within a round a sampler with few
+# steps is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
 TIMING_ROUNDS = 3
 MIN_TIMED_STEPS = 300
+
 
 @dataclass
 class Recipe:
@@ -47,16 +50,22 @@ class Recipe:
     warmup_steps: int
     cosine_decay: bool  # decay the learning rate to 0 along a cosine after warm-up
     ema_decay: Optional[float]  # sample with an exponential moving average of the weights
+    # True: batches read in order from the target set through a DataLoader, as the course
+    # notebook's training cell does (so the reference points are trained on). False: batches
+    # drawn at random from an independent draw of the Swiss roll.
+    batches_in_order_from_target: bool
 
 
 RECIPES = {
-    # The course's fixed hyperparameters.
+    # The course notebook's training cell: Adam at a constant 1e-3, no warm-up, batches of 128
+    # read in order from the 1M-point target, 5000 iterations.
     "course": Recipe(dim_hids=[128, 128, 128], lr=1e-3, batch_size=128, num_iterations=5000,
-                     warmup_steps=200, cosine_decay=False, ema_decay=None),
-    # Ours (see README): a wider network, a 4x larger batch and 4x more iterations, a cosine
-    # learning-rate decay so the last iterations settle, and sampling from EMA weights.
+                     warmup_steps=0, cosine_decay=False, ema_decay=None, batches_in_order_from_target=True),
+    # Ours (see README): a wider network, a 4x larger batch and 4x more iterations, a warm-up and
+    # a cosine learning-rate decay so the last iterations settle, EMA weights, random batches
+    # from a training set that does not hold the reference points.
     "improved": Recipe(dim_hids=[192, 192, 192], lr=2e-3, batch_size=512, num_iterations=20000,
-                       warmup_steps=200, cosine_decay=True, ema_decay=0.9995),
+                       warmup_steps=200, cosine_decay=True, ema_decay=0.9995, batches_in_order_from_target=False),
 }
 
 
@@ -75,24 +84,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds data, training and sampling")
     parser.add_argument("--out", default="results", help="output folder (created if missing)")
     parser.add_argument("--ddim_steps", type=int, nargs="+", default=DDIM_STEPS, help="DDIM step counts S")
-    parser.add_argument("--etas", type=float, nargs="+", default=DDIM_ETAS, help="DDIM eta values")
+    parser.add_argument("--etas", type=float, nargs="+", default=DDIM_ETAS,
+                        help="DDIM eta values, in [0, 1] (0: deterministic; 1: DDPM's posterior variance)")
+    parser.add_argument("--timestep_spacing", default="leading", choices=TIMESTEP_SPACINGS,
+                        help="DDIM sub-sequence of the steps x eta grid (leading is the course's); "
+                             "every spacing is compared in a second table either way")
     parser.add_argument("--iterations", type=int, default=None,
                         help="override the recipe's number of training iterations (for quick checks)")
     parser.add_argument("--num_samples", type=int, default=NUM_EVAL_SAMPLES,
                         help="points generated per setting and reference points (the course uses 2048)")
+    parser.add_argument("--sampling_seeds", type=int, default=3,
+                        help="draws of x_T per setting: the spacing table gives the CD's mean and standard "
+                             "error over them; the steps x eta grid shows the first draw (seeded by --seed)")
+    parser.add_argument("--timing_rounds", type=int, default=TIMING_ROUNDS,
+                        help="interleaved rounds over which each sampler's time is the median")
     parser.add_argument("--gpu", type=int, default=0, help="which CUDA device to use when CUDA is available")
     args = parser.parse_args(argv)
 
     bad_steps = [s for s in args.ddim_steps if not 1 <= s <= NUM_TRAIN_TIMESTEPS]
     if bad_steps:
         parser.error(f"--ddim_steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {bad_steps[0]}")
-    bad_etas = [e for e in args.etas if not e >= 0]
-    if bad_etas:
-        parser.error(f"--etas must be >= 0, got {bad_etas[0]}")
+    for eta in args.etas:
+        try:
+            check_eta(eta)
+        except ValueError as error:
+            parser.error(f"--etas: {error}")
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.sampling_seeds < 1:
+        parser.error(f"--sampling_seeds must be >= 1, got {args.sampling_seeds}")
+    if args.timing_rounds < 1:
+        parser.error(f"--timing_rounds must be >= 1, got {args.timing_rounds}")
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
@@ -103,11 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp_path, path)
+    """ddpm.atomic_write for a str (UTF-8)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def learning_rate_factor(iteration: int, recipe: Recipe) -> float:
@@ -126,18 +147,35 @@ def build_model(recipe: Recipe, device) -> DiffusionModule:
     return DiffusionModule(network, var_scheduler).to(device)
 
 
-def train(model: DiffusionModule, train_points: torch.Tensor, recipe: Recipe, progress: bool = True):
-    """Minimise compute_loss on batches drawn from train_points [N, 2].
+def training_batches(recipe: Recipe, target_points: torch.Tensor,
+                     train_points: Optional[torch.Tensor] = None) -> Iterator[torch.Tensor]:
+    """The recipe's batches [batch_size, 2], endlessly.
+
+    In order from target_points [N, 2] through a DataLoader (the course notebook's way), or at
+    random from train_points [M, 2], an independent draw (needed then).
+    """
+    if recipe.batches_in_order_from_target:
+        return get_data_iterator(torch.utils.data.DataLoader(target_points, batch_size=recipe.batch_size))
+    return random_batches(train_points, recipe.batch_size)
+
+
+def random_batches(points: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    while True:
+        yield points[torch.randint(len(points), (batch_size,))]
+
+
+def train(model: DiffusionModule, batches: Iterator[torch.Tensor], recipe: Recipe, progress: bool = True):
+    """Minimise compute_loss with Adam over recipe.num_iterations batches from `batches` ([B, 2] each).
 
     Returns (the model to sample with: the EMA copy when the recipe has one, the per-iteration losses).
     """
-    optimizer = torch.optim.Adam(model.network.parameters(), lr=recipe.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: learning_rate_factor(it, recipe))
     ema_model = copy.deepcopy(model).requires_grad_(False) if recipe.ema_decay else None
     losses = []
     model.train()
     for _ in tqdm(range(recipe.num_iterations), desc="training", disable=not progress, mininterval=1.0):
-        batch = train_points[torch.randint(len(train_points), (recipe.batch_size,))].to(model.device)
+        batch = next(batches).to(model.device)
         loss = model.compute_loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -156,10 +194,10 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_samplers(samplers: dict, device, progress: bool = True) -> dict:
-    """{key: (sample_fn, num_steps)} -> {key: median seconds per call of sample_fn}."""
+def time_samplers(samplers: dict, device, rounds: int, progress: bool = True) -> dict:
+    """{key: (sample_fn, num_steps)} -> {key: median seconds per call of sample_fn over `rounds` rounds}."""
     seconds = {key: [] for key in samplers}
-    for _ in tqdm(range(TIMING_ROUNDS), desc="timing rounds", disable=not progress):
+    for _ in tqdm(range(rounds), desc="timing rounds", disable=not progress):
         for key, (sample_fn, num_steps) in samplers.items():
             calls = math.ceil(MIN_TIMED_STEPS / num_steps)
             synchronize(device)
@@ -171,35 +209,71 @@ def time_samplers(samplers: dict, device, progress: bool = True) -> dict:
     return {key: statistics.median(values) for key, values in seconds.items()}
 
 
-def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True):
-    """CD against reference [N, 2] and time of DDPM and of every DDIM (steps, eta); also the samples.
+def mean_and_standard_error(values: List[float]):
+    """(mean, standard error of the mean); the error is None for a single value."""
+    if len(values) == 1:
+        return values[0], None
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
-    Every sampler starts from the same seed, so all of them share x_T.
+
+def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True):
+    """CD against reference [N, 2] of DDPM and of DDIM for every (spacing, steps, eta), over
+    args.sampling_seeds draws of x_T; the time of DDPM and of the grid's spacing
+    (args.timestep_spacing) at every (steps, eta).
+
+    Draw k of every sampler starts from seed args.seed + 1000 k, so all samplers share each x_T,
+    and a sub-sequence that two spacings share (all four coincide at S = T) is sampled once.
+    Returns (ddpm, ddim rows of the grid's spacing, rows of every spacing, samples of the first
+    draw by key), keys "ddpm" and (spacing, steps, eta). "cd" is always the first draw's.
     """
     device = model.device
+    num_train_timesteps = model.var_scheduler.num_train_timesteps
     shape = tuple(reference.shape)
-    samplers = {"ddpm": (lambda: model.p_sample_loop(shape), NUM_TRAIN_TIMESTEPS)}
-    for eta in args.etas:
-        for steps in args.ddim_steps:
-            samplers[(steps, eta)] = (
-                lambda steps=steps, eta=eta: model.ddim_p_sample_loop(shape, num_inference_timesteps=steps, eta=eta),
-                steps,
-            )
+    spacings = [args.timestep_spacing] + [s for s in TIMESTEP_SPACINGS if s != args.timestep_spacing]
+    samplers = {"ddpm": (lambda: model.p_sample_loop(shape), num_train_timesteps)}
+    for spacing in spacings:
+        for eta in args.etas:
+            for steps in args.ddim_steps:
+                samplers[(spacing, steps, eta)] = (
+                    lambda steps=steps, eta=eta, spacing=spacing: model.ddim_p_sample_loop(
+                        shape, num_inference_timesteps=steps, eta=eta, timestep_spacing=spacing),
+                    steps,
+                )
 
-    samples, cds = {}, {}
+    samples, cds, key_of_trajectory = {}, {}, {}
     for key, (sample_fn, _) in tqdm(samplers.items(), desc="sampling", disable=not progress):
-        torch.manual_seed(args.seed)
-        samples[key] = sample_fn().cpu()
-        cds[key] = chamfer_distance(samples[key], reference)
-    seconds = time_samplers(samplers, device, progress)
+        if key != "ddpm":
+            spacing, steps, eta = key
+            trajectory = (tuple(ddim_timesteps(num_train_timesteps, steps, spacing)[0].tolist()), eta)
+            if trajectory in key_of_trajectory:
+                same = key_of_trajectory[trajectory]
+                samples[key], cds[key] = samples[same], cds[same]
+                continue
+            key_of_trajectory[trajectory] = key
+        cds[key] = []
+        for draw in range(args.sampling_seeds):
+            torch.manual_seed(args.seed + 1000 * draw)
+            sample = sample_fn().cpu()
+            samples.setdefault(key, sample)
+            cds[key].append(float(chamfer_distance(sample, reference)))
 
-    ddpm = {"cd": cds["ddpm"], "seconds": seconds["ddpm"]}
-    ddim = [{"steps": steps, "eta": eta, "cd": cds[(steps, eta)], "seconds": seconds[(steps, eta)]}
+    timed = {key: value for key, value in samplers.items() if key == "ddpm" or key[0] == args.timestep_spacing}
+    seconds = time_samplers(timed, device, args.timing_rounds, progress)
+
+    def cd_fields(key) -> dict:
+        mean, standard_error = mean_and_standard_error(cds[key])
+        return {"cd": cds[key][0], "cd_mean": mean, "cd_se": standard_error, "cds": cds[key]}
+
+    ddpm = {**cd_fields("ddpm"), "seconds": seconds["ddpm"]}
+    ddim = [{"steps": steps, "eta": eta, "cd": cds[(args.timestep_spacing, steps, eta)][0],
+             "seconds": seconds[(args.timestep_spacing, steps, eta)]}
             for eta in args.etas for steps in args.ddim_steps]
-    return ddpm, ddim, samples
+    spacing_rows = [{"timestep_spacing": spacing, "steps": steps, "eta": eta, **cd_fields((spacing, steps, eta))}
+                    for spacing in TIMESTEP_SPACINGS for eta in args.etas for steps in args.ddim_steps]
+    return ddpm, ddim, spacing_rows, samples
 
 
-def results_markdown(results: dict, train_cpu_seconds: float) -> str:
+def results_markdown(results: dict) -> str:
     steps = sorted({row["steps"] for row in results["ddim"]})
     etas = sorted({row["eta"] for row in results["ddim"]})
     by_setting = {(row["steps"], row["eta"]): row for row in results["ddim"]}
@@ -211,17 +285,33 @@ def results_markdown(results: dict, train_cpu_seconds: float) -> str:
             lines.append(f"| {eta} | " + " | ".join(format(by_setting[(s, eta)][field], fmt) for s in steps) + " |")
         return lines
 
+    spacing_rows = {(row["timestep_spacing"], row["steps"], row["eta"]): row for row in results["spacings"]}
+
+    def mean_pm_se(row: dict) -> str:
+        return f"{row['cd_mean']:.3f}" + ("" if row["cd_se"] is None else f" ± {row['cd_se']:.3f}")
+
+    spacing_table = ["| steps S | eta | " + " | ".join(TIMESTEP_SPACINGS) + " |",
+                     "|---|---|" + "---|" * len(TIMESTEP_SPACINGS)]
+    for eta in etas:
+        for s in steps:
+            row = [spacing_rows[(spacing, s, eta)] for spacing in TIMESTEP_SPACINGS]
+            best = min(r["cd_mean"] for r in row)
+            cells = [f"**{mean_pm_se(r)}**" if r["cd_mean"] == best else mean_pm_se(r) for r in row]
+            spacing_table.append(f"| {s} | {eta} | " + " | ".join(cells) + " |")
+    num_draws = len(results["ddpm"]["cds"])
+
     ddpm = results["ddpm"]
     lines = [
         f"# Swiss roll, recipe `{results['recipe']}`, seed {results['seed']}",
         "",
-        f"Training: {results['train_seconds']:.1f} s wall, {train_cpu_seconds:.1f} s CPU (the two differ when "
-        f"other work shares the machine). Floor (two independent draws of the target): "
+        f"Training: {results['train_seconds']:.1f} s wall, {results['train_cpu_seconds']:.1f} s CPU (the two "
+        f"differ when other work shares the machine). Floor (two independent draws of the target): "
         f"CD = {results['floor_cd']:.3f}.",
         "",
-        f"**DDPM** (1000 steps): CD = {ddpm['cd']:.3f}, sampling {ddpm['seconds']:.3f} s.",
+        f"**DDPM** (1000 steps): CD = {ddpm['cd']:.3f}, sampling {ddpm['seconds']:.3f} s; over {num_draws} "
+        f"draws of x_T: {mean_pm_se(ddpm)}.",
         "",
-        "**DDIM Chamfer distance** (lower is better):",
+        f"**DDIM Chamfer distance**, `{results['timestep_spacing']}` spacing (lower is better):",
         "",
         *grid("cd", ".3f"),
         "",
@@ -237,7 +327,20 @@ def results_markdown(results: dict, train_cpu_seconds: float) -> str:
     for s in steps:
         ratio = statistics.mean(by_setting[(s, eta)]["seconds"] for eta in etas) / ddpm["seconds"]
         lines.append(f"| {s} | {s / NUM_TRAIN_TIMESTEPS:.3f} | {ratio:.3f} |")
+    lines += [
+        "",
+        f"**DDIM Chamfer distance by timestep spacing**: mean ± standard error over {num_draws} draws of x_T "
+        f"(the same draws for every cell; the lowest mean of each row in bold):",
+        "",
+        *spacing_table,
+    ]
     return "\n".join(lines) + "\n"
+
+
+def scatter_panel(ax, reference: torch.Tensor, samples: torch.Tensor, title: str) -> None:
+    ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgray", label="target")
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="tab:blue", label="samples")
+    ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal", xticks=[], yticks=[])
 
 
 def save_figures(out: str, results: dict, losses: List[float], samples: dict, reference: torch.Tensor):
@@ -257,17 +360,17 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     fig.savefig(os.path.join(out, "loss.png"), dpi=120)
     plt.close(fig)
 
+    spacing = results["timestep_spacing"]
     steps = sorted({row["steps"] for row in results["ddim"]})
     etas = sorted({row["eta"] for row in results["ddim"]})
     cds = {(row["steps"], row["eta"]): row["cd"] for row in results["ddim"]}
     panels = [("ddpm", f"DDPM 1000 steps\nCD {results['ddpm']['cd']:.2f}")]
-    panels += [((s, etas[0]), f"DDIM {s} steps, eta {etas[0]}\nCD {cds[(s, etas[0])]:.2f}") for s in steps]
+    panels += [((spacing, s, etas[0]), f"DDIM {s} steps, eta {etas[0]}\nCD {cds[(s, etas[0])]:.2f}") for s in steps]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="lightgray", label="target")
-        ax.scatter(samples[key][:, 0], samples[key][:, 1], s=2, c="tab:blue", label="samples")
-        ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal", xticks=[], yticks=[])
+        scatter_panel(ax, reference, samples[key], title)
     axes[0][0].legend(loc="lower left", markerscale=4, fontsize=8)
+    fig.suptitle(f"DDIM with {spacing} spacing")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "samples.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -280,7 +383,8 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
         ax_time.plot([r["steps"] for r in rows], [r["seconds"] for r in rows], marker="o", label=f"DDIM eta={eta}")
     ax_cd.axhline(results["ddpm"]["cd"], color="black", linestyle="--", label="DDPM (1000 steps)")
     ax_cd.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor (two target draws)")
-    ax_cd.set(xscale="log", yscale="log", xlabel="steps S", ylabel="Chamfer distance", title="CD against steps")
+    ax_cd.set(xscale="log", yscale="log", xlabel="steps S", ylabel="Chamfer distance",
+              title=f"CD against steps ({spacing} spacing)")
     ideal = [results["ddpm"]["seconds"] * s / NUM_TRAIN_TIMESTEPS for s in steps]
     ax_time.plot(steps, ideal, color="black", linestyle="--", label="DDPM time x S/1000")
     ax_time.set(xscale="log", yscale="log", xlabel="steps S", ylabel="seconds", title="Sampling time against steps")
@@ -289,6 +393,38 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "cd_time_vs_steps.png"), dpi=120)
+    plt.close(fig)
+
+    # CD against S, one line per spacing, one panel per eta.
+    fig, axes = plt.subplots(1, len(etas), figsize=(4.5 * len(etas), 4), squeeze=False, sharey=True)
+    for ax, eta in zip(axes[0], etas):
+        for name in TIMESTEP_SPACINGS:
+            rows = [r for r in results["spacings"] if r["timestep_spacing"] == name and r["eta"] == eta]
+            ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], marker="o", capsize=3,
+                        yerr=[r["cd_se"] or 0 for r in rows], label=name)
+        ax.axhline(results["ddpm"]["cd"], color="black", linestyle="--", label="DDPM (1000 steps)")
+        ax.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor")
+        ax.set(xscale="log", yscale="log", xlabel="steps S", title=f"eta = {eta}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(f"Chamfer distance (mean ± SE, {len(results['ddpm']['cds'])} draws)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"DDIM CD against steps by timestep spacing ({results['recipe']} recipe)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cd_vs_steps_by_spacing.png"), dpi=120)
+    plt.close(fig)
+
+    # The fewest steps, every spacing: where they differ most.
+    fewest = steps[0]
+    fig, axes = plt.subplots(len(etas), len(TIMESTEP_SPACINGS), squeeze=False,
+                             figsize=(3.2 * len(TIMESTEP_SPACINGS), 3.4 * len(etas)))
+    spacing_cd = {(r["timestep_spacing"], r["steps"], r["eta"]): r["cd"] for r in results["spacings"]}
+    for row, eta in zip(axes, etas):
+        for ax, name in zip(row, TIMESTEP_SPACINGS):
+            scatter_panel(ax, reference, samples[(name, fewest, eta)],
+                          f"{name}, eta {eta}\nCD {spacing_cd[(name, fewest, eta)]:.2f}")
+    fig.suptitle(f"DDIM with {fewest} steps")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "samples_by_spacing.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -305,27 +441,31 @@ def main(argv=None) -> dict:
 
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    train_points = load_twodim(NUM_TARGET_POINTS, "swiss_roll")
     target_points = load_twodim(NUM_TARGET_POINTS, "swiss_roll")
+    train_points = None if recipe.batches_in_order_from_target else load_twodim(NUM_TARGET_POINTS, "swiss_roll")
     reference = target_points[: args.num_samples]
-    floor_cd = chamfer_distance(target_points[args.num_samples: 2 * args.num_samples], reference)
+    floor_cd = float(chamfer_distance(target_points[args.num_samples: 2 * args.num_samples], reference))
 
     model = build_model(recipe, device)
     start, start_cpu = time.perf_counter(), time.process_time()
-    sampling_model, losses = train(model, train_points, recipe)
+    sampling_model, losses = train(model, training_batches(recipe, target_points, train_points), recipe)
     train_seconds, train_cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     sampling_model.save(os.path.join(args.out, "model.ckpt"))
 
-    ddpm, ddim, samples = evaluate(sampling_model, reference, args)
+    ddpm, ddim, spacing_rows, samples = evaluate(sampling_model, reference, args)
     results = {"recipe": args.recipe, "seed": args.seed, "train_seconds": train_seconds,
-               "floor_cd": floor_cd, "ddpm": ddpm, "ddim": ddim}
+               "floor_cd": floor_cd, "ddpm": ddpm, "ddim": ddim,
+               "train_cpu_seconds": train_cpu_seconds, "recipe_config": asdict(recipe),
+               "num_samples": args.num_samples, "timestep_spacing": args.timestep_spacing,
+               "spacings": spacing_rows}
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2) + "\n")
-    markdown = results_markdown(results, train_cpu_seconds)
+    markdown = results_markdown(results)
     atomic_write_text(os.path.join(args.out, "results.md"), markdown)
     save_figures(args.out, results, losses, samples, reference)
 
     print(markdown)
-    print(f"Results, model and figures (loss.png, samples.png, cd_time_vs_steps.png) are in {os.path.abspath(args.out)}")
+    print(f"Results, model and figures (loss.png, samples.png, cd_time_vs_steps.png, cd_vs_steps_by_spacing.png, "
+          f"samples_by_spacing.png) are in {os.path.abspath(args.out)}")
     return results
 
 
