@@ -1,7 +1,7 @@
 """Task 1-2 speed, as ratios measured in one run (absolute times depend on the machine). Every
 ratio has a bound; the script ends with status 1, naming the bounds it missed, when one is missed.
 
-    .venv/bin/python benchmarks/bench_image.py [--threads N]     # on the CPU: 1-3
+    .venv/bin/python benchmarks/bench_image.py [--threads N]     # on the CPU: 1-3 and 5
     .venv/bin/python benchmarks/bench_image.py --device cuda     # on a GPU: 4
 
 1. DDIM with S steps costs S/T of DDPM's sampling time. Bound: (DDIM time / DDPM time) / (S / T)
@@ -12,12 +12,14 @@ ratio has a bound; the script ends with status 1, naming the bounds it missed, w
    the course UNet (64x64, batch 16).
 3. The course UNet: parameter count, one forward pass and one training step (batch 16, 64x64);
    reported, no bound.
-   (To come with sampling across processes: the sampler's throughput per process and the
-   2-process speed-up, as a ratio with its bound.)
 4. (--device cuda) One training step of the course UNet (batch 16, 64x64, Adam) in float32 and
    with bf16 autocast, as `train.py --mixed_precision bf16` runs it (accelerate autocasts the
    forward pass; weights, gradients and Adam stay float32): median step time and peak GPU memory.
    Bounds: bf16 step time < float32 step time, bf16 peak memory < float32 peak memory.
+5. sampling.py across processes (bench_sampling.measure_speedup: `python sampling.py` vs
+   `torchrun --nproc_per_node 2 sampling.py`, interleaved, one thread per process): images per
+   second per process, and the 2-process speed-up. Bounds: the same PNG bytes, speed-up >= 1.3 on
+   2 cores (bench_sampling.py alone also reports the cost of one noise generator per image).
 """
 import argparse
 import statistics
@@ -31,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "task1" / "image_di
 from model import DiffusionModule  # noqa: E402
 from network import UNet  # noqa: E402
 from scheduler import DDIMScheduler, DDPMScheduler  # noqa: E402
+
+import bench_sampling  # noqa: E402  (beside this file)
 
 T = 1000
 RATIO_T = 200
@@ -186,10 +190,22 @@ def precision_comparison(device, missed):
         print(f"   bf16 / fp32 {what}: {ratio:.3f} ({verdict(ratio < 1, bound, missed)})")
 
 
+def sampling_speedup(missed):
+    """5. The sampler's throughput per process and the speed-up of 2 processes over 1."""
+    result = bench_sampling.measure_speedup(2)
+    per_process = result["images_per_second_per_process"]
+    print(f"5. sampling.py: {per_process[1]:.2f} images/s in 1 process, {per_process[2]:.2f} images/s per "
+          f"process in 2 (small UNet, one thread each; median of 3 interleaved rounds)")
+    verdict(result["same_images"], "1 and 2 processes wrote different images", missed)
+    bound = f"2-process speed-up {result['speedup']:.2f}, not >= {bench_sampling.MIN_SPEEDUP}"
+    print(f"   speed-up of 2 processes: {result['speedup']:.2f} x "
+          f"({verdict(result['speedup'] >= bench_sampling.MIN_SPEEDUP, bound, missed)})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu: measurements 1-3; cuda: the float32 vs bf16 training step (4)")
+                        help="cpu: measurements 1-3 and 5; cuda: the float32 vs bf16 training step (4)")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index for --device cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs, "
@@ -213,6 +229,7 @@ def main():
         unet = UNet().eval()
         forward_seconds = step_overhead(unet, missed)
         course_unet_costs(unet, forward_seconds)
+        sampling_speedup(missed)
     print(f"total {time.perf_counter() - start:.0f} s")
     if missed:
         sys.exit(f"{len(missed)} bound(s) missed: " + "; ".join(missed))
