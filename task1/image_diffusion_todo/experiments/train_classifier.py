@@ -6,21 +6,19 @@ state_dict. This script does the same for any dataset in AFHQ's layout,
 
     DATA_ROOT/train/{class}/*.png|jpg    DATA_ROOT/val/{class}/*.png|jpg
 
-with the preprocessing ``measure_fid.py`` measures with. It prints the validation accuracy
+with the preprocessing ``fid/measure_fid.py`` measures with. It prints the validation accuracy
 after every epoch and writes OUT (the state_dict, loadable by ``measure_fid.py --ckpt OUT``)
 and OUT with the suffix .json (validation accuracy, settings, time), both atomically.
+From image_diffusion_todo/:
 
     # rebuild the AFHQ checkpoint on a GPU (course settings are the defaults)
-    python train_classifier.py --data_root ../data/afhq --out afhq_inception_v3.ckpt
-    # the CPU stand-in (see ../standin_dataset.py): smaller inputs, fewer epochs
-    python train_classifier.py --data_root ../../../data/standin --img_size 80 --epochs 2 \
-        --out standin_inception_v3.ckpt
+    python -m experiments.train_classifier --data_root data/afhq
+    # the CPU stand-in (see standin_dataset.py): smaller inputs, fewer epochs
+    python -m experiments.train_classifier --data_root ../../data/standin --img_size 75 \
+        --epochs 2 --out standin_inception_v3.ckpt
 """
-import argparse
 import json
-import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -31,9 +29,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from inception import MIN_INPUT_SIZE, InceptionV3
-from measure_fid import (
-    IMAGE_EXTENSIONS, FIDInputError, image_transform, load_image, one_line, parse_device,
+from cli import ArgumentParser, UsageError, atomic_write, atomic_write_text, run
+from fid.inception import MIN_INPUT_SIZE, InceptionV3
+from fid.measure_fid import (
+    DEFAULT_CKPT, IMAGE_EXTENSIONS, FIDInputError, image_transform, load_image, parse_device,
     verify_images,
 )
 
@@ -77,80 +76,35 @@ def find_classes(data_root):
     return per_split[0]
 
 
-def iterate(loader, desc):
-    """Batches of ``loader``; an image that passed verify_images but cannot be decoded, met in a
-    worker process, is still reported as one line."""
-    try:
-        yield from tqdm(loader, desc=desc, leave=False)
-    except FIDInputError as error:
-        message = str(error).strip()
-        if message.startswith("Caught "):
-            # Re-raised from a DataLoader worker with the worker's traceback in the message;
-            # its last line is the original "...FIDInputError: <message>".
-            message = message.splitlines()[-1].split(": ", 1)[-1]
-        raise FIDInputError(message) from None
-
-
 @torch.no_grad()
 def accuracy(model, loader, device):
     model.eval()
     correct = total = 0
-    for images, labels in iterate(loader, "val"):
+    for images, labels in tqdm(loader, desc="val", leave=False):
         predictions = model(images.to(device)).argmax(dim=-1).cpu()
         correct += (predictions == labels).sum().item()
         total += labels.numel()
     return correct / total
 
 
-def atomic_write(path, write):
-    """Call write(temporary_path), then rename it to ``path``: readers never see half a file."""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_root", type=str, required=True,
-                        help="dataset in AFHQ's layout: DATA_ROOT/{train,val}/{class}/*.png|jpg")
-    parser.add_argument("--out", type=str,
-                        default=str(Path(__file__).resolve().parent / "afhq_inception_v3.ckpt"),
-                        help="where to write the state_dict (a .json with the accuracy goes next to it)")
-    parser.add_argument("--img_size", type=int, default=256,
-                        help=f"input side (course: 256; at least {MIN_INPUT_SIZE}); measure FID "
-                             f"with the same --img_size")
-    parser.add_argument("--epochs", type=int, default=10, help="passes over the training split")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--max_num_images_per_cat", type=int, default=-1,
-                        help="use at most this many training images per class (-1: all)")
-    parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
-    parser.add_argument("--device", type=str, default=None,
-                        help="torch device, e.g. cpu, cuda:0 (default: cuda if available)")
-    args = parser.parse_args(argv)
-
+def check_args(args):
     for name, minimum in (("img_size", MIN_INPUT_SIZE), ("epochs", 1), ("batch_size", 1)):
         if getattr(args, name) < minimum:
-            parser.exit(2, f"error: --{name} must be at least {minimum}\n")
+            raise UsageError(f"--{name} must be at least {minimum}")
     if args.num_workers < 0 or args.lr <= 0:
-        parser.exit(2, "error: --num_workers must be >= 0 and --lr > 0\n")
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        parser.exit(1, f"error: folder of --out not found: {out.parent}\n")
+        raise UsageError("--num_workers must be >= 0 and --lr > 0")
+    if not Path(args.out).parent.is_dir():
+        raise UsageError(f"folder of --out not found: {Path(args.out).parent}")
 
-    try:
-        device = parse_device(args.device)
-        data_root = Path(args.data_root)
-        classes = find_classes(data_root)
-        train_set = LabelledImageFolder(data_root / "train", classes, args.img_size,
-                                        args.max_num_images_per_cat)
-        val_set = LabelledImageFolder(data_root / "val", classes, args.img_size)
-    except (FIDInputError, OSError) as error:
-        parser.exit(1, f"error: {one_line(error)}\n")
+
+def main(args):
+    check_args(args)
+    device = parse_device(args.device)
+    data_root = Path(args.data_root)
+    classes = find_classes(data_root)
+    train_set = LabelledImageFolder(data_root / "train", classes, args.img_size,
+                                    args.max_num_images_per_cat)
+    val_set = LabelledImageFolder(data_root / "val", classes, args.img_size)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -160,7 +114,7 @@ def main(argv=None):
                               num_workers=args.num_workers, generator=generator)
     val_loader = DataLoader(val_set, args.batch_size, num_workers=args.num_workers)
     if len(train_loader) == 0:
-        parser.exit(1, f"error: fewer training images ({len(train_set)}) than --batch_size\n")
+        raise UsageError(f"fewer training images ({len(train_set)}) than --batch_size")
 
     model = InceptionV3(for_train=True, num_classes=len(classes))
     # Start from uniform class probabilities: with torchvision's initialisation (std 0.1 over
@@ -173,31 +127,56 @@ def main(argv=None):
     print(f"classes {classes}; {len(train_set)} training and {len(val_set)} validation images "
           f"at {args.img_size}x{args.img_size} on {device}")
     start = time.time()
-    try:
-        for epoch in range(args.epochs):
-            model.train()
-            for images, labels in iterate(train_loader, f"epoch {epoch}"):
-                loss = F.cross_entropy(model(images.to(device)), labels.to(device))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-            val_accuracy = accuracy(model, val_loader, device)
-            print(f"epoch {epoch}: last loss {loss.item():.4f}, val accuracy {val_accuracy:.4f}")
-    except FIDInputError as error:
-        parser.exit(1, f"error: {error}\n")
+    for epoch in range(args.epochs):
+        model.train()
+        for images, labels in tqdm(train_loader, desc=f"epoch {epoch}", leave=False):
+            loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        val_accuracy = accuracy(model, val_loader, device)
+        print(f"epoch {epoch}: last loss {loss.item():.4f}, val accuracy {val_accuracy:.4f}")
     seconds = time.time() - start
 
-    atomic_write(out, lambda path: torch.save(model.state_dict(), path))
+    out = Path(args.out)
+    atomic_write(out, lambda f: torch.save(model.state_dict(), f))
     report = {
         "val_accuracy": val_accuracy, "classes": classes, "epochs": args.epochs,
         "img_size": args.img_size, "batch_size": args.batch_size, "lr": args.lr,
         "num_train_images": len(train_set), "num_val_images": len(val_set),
         "seed": args.seed, "seconds": seconds,
     }
-    atomic_write(out.with_suffix(".json"),
-                 lambda path: path.write_text(json.dumps(report, indent=2) + "\n"))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
     print(f"val accuracy {val_accuracy:.4f}; saved {out} ({seconds:.0f} s)")
 
 
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="python -m experiments.train_classifier",
+                            description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_root", type=str, required=True,
+                        help="dataset in AFHQ's layout: DATA_ROOT/{train,val}/{class}/*.png|jpg")
+    parser.add_argument("--out", type=str, default=str(DEFAULT_CKPT),
+                        help="where to write the state_dict (a .json with the accuracy goes next "
+                             "to it; default: the course's fid/afhq_inception_v3.ckpt)")
+    parser.add_argument("--img_size", type=int, default=256,
+                        help=f"input side (course: 256; at least {MIN_INPUT_SIZE}); measure FID "
+                             f"with the same --img_size")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training split")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--max_num_images_per_cat", type=int, default=-1,
+                        help="use at most this many training images per class (-1: all)")
+    parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and shuffling")
+    parser.add_argument("--device", type=str, default=None,
+                        help="torch device, e.g. cpu, cuda:0 (default: cuda if available)")
+    return parser.parse_args(argv)
+
+
+# An image that verify_images passed but that cannot be decoded is met in a DataLoader worker;
+# the FIDInputError it raises there comes back with the worker's traceback, which cli.run
+# reduces to the original message.
+ERRORS = (UsageError, FIDInputError, OSError)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, parse_args(), ERRORS)
