@@ -1,13 +1,23 @@
-"""Task 1-2 speed on the CPU, as ratios measured in one run (absolute times depend on the machine).
+"""Task 1-2 speed, as ratios measured in one run (absolute times depend on the machine). Every
+ratio has a bound; the script ends with status 1, naming the bounds it missed, when one is missed.
 
-    .venv/bin/python benchmarks/bench_image.py [--threads N]
+    .venv/bin/python benchmarks/bench_image.py [--threads N]     # on the CPU: 1-3
+    .venv/bin/python benchmarks/bench_image.py --device cuda     # on a GPU: 4
 
-1. DDIM with S steps costs S/T of DDPM's sampling time: (DDIM time / DDPM time) / (S / T) should be
+1. DDIM with S steps costs S/T of DDPM's sampling time. Bound: (DDIM time / DDPM time) / (S / T)
    within 1 +- 0.15. Measured with a small UNet and T = 200 to keep the run short (the ratio is
    about the sampler, not the network or T); DDPM and DDIM runs are interleaved, so a change in
    the machine's load during the run affects both alike.
-2. One scheduler step costs under 2% of one forward pass of the course UNet (64x64, batch 16).
-3. The course UNet: parameter count, one forward pass and one training step (batch 16, 64x64).
+2. One scheduler step costs little next to the network. Bound: under 2% of one forward pass of
+   the course UNet (64x64, batch 16).
+3. The course UNet: parameter count, one forward pass and one training step (batch 16, 64x64);
+   reported, no bound.
+   (To come with sampling across processes: the sampler's throughput per process and the
+   2-process speed-up, as a ratio with its bound.)
+4. (--device cuda) One training step of the course UNet (batch 16, 64x64, Adam) in float32 and
+   with bf16 autocast, as `train.py --mixed_precision bf16` runs it (accelerate autocasts the
+   forward pass; weights, gradients and Adam stay float32): median step time and peak GPU memory.
+   Bounds: bf16 step time < float32 step time, bf16 peak memory < float32 peak memory.
 """
 import argparse
 import statistics
@@ -26,6 +36,9 @@ T = 1000
 RATIO_T = 200
 DDIM_STEPS = (10, 20, 50)
 ROUNDS = 3
+DDIM_RATIO_TOLERANCE = 0.15
+MAX_STEP_SHARE = 0.02
+PRECISION_STEPS = 10
 
 
 def timed(fn, repeats, warm_up=True):
@@ -40,7 +53,14 @@ def timed(fn, repeats, warm_up=True):
     return statistics.median(times)
 
 
-def ddim_vs_ddpm():
+def verdict(ok: bool, bound: str, missed: list) -> str:
+    """'ok', or 'MISSED' after appending `bound` (what missed which bound) to `missed`."""
+    if not ok:
+        missed.append(bound)
+    return "ok" if ok else "MISSED"
+
+
+def ddim_vs_ddpm(missed):
     print(f"1. DDIM vs DDPM sampling time (small UNet: ch=32, ch_mult=[1,2,2], 1 res block, 32x32, batch 4, "
           f"T={RATIO_T}; median of {ROUNDS} interleaved rounds)")
     torch.manual_seed(0)
@@ -59,12 +79,14 @@ def ddim_vs_ddpm():
     for steps in DDIM_STEPS:
         ddim_seconds = statistics.median(seconds[steps])
         ratio = ddim_seconds / ddpm_seconds
-        verdict = "ok" if abs(ratio / (steps / RATIO_T) - 1) <= 0.15 else "OUTSIDE 15%"
+        relative = ratio / (steps / RATIO_T)
+        ok = abs(relative - 1) <= DDIM_RATIO_TOLERANCE
+        bound = f"DDIM {steps} steps: {relative:.3f} x S/T, not within 1 +- {DDIM_RATIO_TOLERANCE}"
         print(f"   DDIM, {steps:3d} steps: {ddim_seconds:.3f} s; time ratio {ratio:.4f} vs S/T "
-              f"{steps / RATIO_T:.4f} -> {ratio / (steps / RATIO_T):.3f} x S/T ({verdict})")
+              f"{steps / RATIO_T:.4f} -> {relative:.3f} x S/T ({verdict(ok, bound, missed)})")
 
 
-def step_overhead(unet):
+def step_overhead(unet, missed):
     """Returns the forward time of the course UNet (64x64, batch 16), in seconds."""
     print("2. Scheduler step vs course UNet forward (64x64, batch 16)")
     x_t, net_out, noise = (torch.randn(16, 3, 64, 64) for _ in range(3))
@@ -85,8 +107,9 @@ def step_overhead(unet):
     for name, fn in cases.items():
         step_seconds = timed(fn, repeats=200)
         share = step_seconds / forward_seconds
-        print(f"   {name}: {step_seconds * 1e6:.0f} us = {100 * share:.4f}% of a forward "
-              f"({'ok' if share < 0.02 else 'OVER 2%'})")
+        ok = share < MAX_STEP_SHARE
+        bound = f"{name}: {100 * share:.2f}% of a forward, not under {100 * MAX_STEP_SHARE:.0f}%"
+        print(f"   {name}: {step_seconds * 1e6:.0f} us = {100 * share:.4f}% of a forward ({verdict(ok, bound, missed)})")
     return forward_seconds
 
 
@@ -108,22 +131,91 @@ def course_unet_costs(unet, forward_seconds):
           f"training step (loss, backward, Adam): {train_seconds:.2f} s")
 
 
+def make_train_step(unet, device, precision, batch_size=16):
+    """One training step (loss, backward, Adam) of `unet` on random 64x64 images, the loss computed
+    under autocast to bfloat16 when precision is "bf16" (float32 weights and optimizer either way)."""
+    resolution = unet.image_resolution
+    ddpm = DiffusionModule(unet, DDPMScheduler(T, 1e-4, 0.02).to(device)).train()
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4)
+    x0 = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = ddpm.get_loss(x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return train_step
+
+
+def precision_costs(device, repeats=PRECISION_STEPS, **unet_config):
+    """{precision: (median seconds of a training step, peak GPU memory in bytes or None on a CPU)}
+    for "fp32" and "bf16", each on a fresh UNet(**unet_config) (default: the course's)."""
+    costs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        unet = UNet(T=T, **unet_config).to(device)
+        train_step = make_train_step(unet, device, precision)
+        for _ in range(2):  # warm-up: Adam's state, the kernels' first launch
+            train_step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(train_step, repeats, warm_up=False)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        costs[precision] = (seconds, peak)
+        del unet, train_step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return costs
+
+
+def precision_comparison(device, missed):
+    print(f"4. Course UNet training step (batch 16, 64x64, Adam) on {torch.cuda.get_device_name(device)}: "
+          f"float32 vs bf16 autocast, median of {PRECISION_STEPS} steps")
+    costs = precision_costs(device)
+    for precision, (seconds, peak) in costs.items():
+        print(f"   {precision}: {seconds * 1e3:.1f} ms per step ({16 / seconds:.0f} images/s), "
+              f"peak memory {peak / 2 ** 30:.2f} GiB")
+    (fp32_seconds, fp32_peak), (bf16_seconds, bf16_peak) = costs["fp32"], costs["bf16"]
+    time_ratio, memory_ratio = bf16_seconds / fp32_seconds, bf16_peak / fp32_peak
+    for what, ratio in (("step time", time_ratio), ("peak memory", memory_ratio)):
+        bound = f"bf16 {what} {ratio:.3f} x fp32, not under 1"
+        print(f"   bf16 / fp32 {what}: {ratio:.3f} ({verdict(ratio < 1, bound, missed)})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: measurements 1-3; cuda: the float32 vs bf16 training step (4)")
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index for --device cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs, "
                              "1 thread gives steadier numbers)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"{sys.argv[0]}: error: --device cuda needs a CUDA GPU (none found)")
+    if args.device == "cuda" and not 0 <= args.gpu < torch.cuda.device_count():
+        sys.exit(f"{sys.argv[0]}: error: --gpu {args.gpu}: there are {torch.cuda.device_count()} CUDA devices")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads")
     start = time.perf_counter()
-    ddim_vs_ddpm()
-    torch.manual_seed(0)
-    unet = UNet().eval()
-    forward_seconds = step_overhead(unet)
-    course_unet_costs(unet, forward_seconds)
+    missed = []
+    if args.device == "cuda":
+        print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+        precision_comparison(torch.device("cuda", args.gpu), missed)
+    else:
+        print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads")
+        ddim_vs_ddpm(missed)
+        torch.manual_seed(0)
+        unet = UNet().eval()
+        forward_seconds = step_overhead(unet, missed)
+        course_unet_costs(unet, forward_seconds)
     print(f"total {time.perf_counter() - start:.0f} s")
+    if missed:
+        sys.exit(f"{len(missed)} bound(s) missed: " + "; ".join(missed))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ OUTPUT_DIR/pytorch_lora_weights.safetensors, which StableDiffusionPipeline.load_
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 import utils
@@ -38,6 +37,9 @@ def parse_args(argv=None):
                       help="Class images to train with; generated if the folder holds fewer.")
     data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    data.add_argument("--prior_generation_precision", default=None, choices=["fp32", "fp16", "bf16"],
+                      help="Precision of the base model generating class images (default: fp16 with "
+                           "--mixed_precision=fp16, else fp32; fp16 needs a CUDA GPU).")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="Put LoRA adapters on the text encoder's attention too and train them.")
     utils.add_common_args(parser)
@@ -61,48 +63,72 @@ def parse_args(argv=None):
             utils.exit_with_error("--num_class_images and --sample_batch_size must be at least 1")
         if args.prior_loss_weight < 0:
             utils.exit_with_error(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}")
+        if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
+            utils.exit_with_error("--prior_generation_precision=fp16 needs a CUDA GPU")
     utils.check_common_args(args)
     return args
 
 
 def generate_class_images(args, accelerator):
-    """Fill --class_data_dir up to --num_class_images with base-model images of --class_prompt."""
-    from diffusers import StableDiffusionPipeline
-
+    """Fill --class_data_dir up to --num_class_images with base-model images of --class_prompt, the
+    missing images shared out among the processes."""
     folder = Path(args.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    missing = args.num_class_images - len(utils.list_images(folder))
+    existing = {path.name for path in utils.list_images(folder)}
+    missing = args.num_class_images - len(existing)
     if missing <= 0:
         return
-    accelerator.print(f"Generating {missing} class images of {args.class_prompt!r} in {folder}")
-    dtype = torch.float16 if args.mixed_precision == "fp16" else torch.float32
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as error:
-        utils.exit_with_error(f"cannot load the model {args.pretrained_model_name_or_path!r}: "
-                              f"{str(error).strip().splitlines()[0]}")
+    # The first free names: every process computes the same list before any of them writes.
+    names = [name for name in (f"class_{index:04d}.png" for index in range(args.num_class_images + len(existing)))
+             if name not in existing][:missing]
+    accelerator.wait_for_everyone()
+    with accelerator.split_between_processes(names) as own_names:
+        if own_names:  # a process gets none when fewer images than processes are missing
+            print(f"Generating {len(own_names)} class images of {args.class_prompt!r} in {folder}"
+                  + (f" (process {accelerator.process_index} of {accelerator.num_processes})"
+                     if accelerator.num_processes > 1 else ""), flush=True)
+            draw_images(args, accelerator, [folder / name for name in own_names])
+    accelerator.wait_for_everyone()
+
+
+def draw_images(args, accelerator, paths):
+    """Save one base-model image of --class_prompt at each of ``paths``, --sample_batch_size at a time."""
+    precision = args.prior_generation_precision or ("fp16" if args.mixed_precision == "fp16" else "fp32")
+    pipeline = generation_pipeline(args, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32))
     pipeline.to(accelerator.device)
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed or 0)
-    index = 0
-    for start in tqdm(range(0, missing, args.sample_batch_size), desc="Class images",
+    # Each process its own seed, or they would all draw the same images.
+    generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + accelerator.process_index)
+    for start in tqdm(range(0, len(paths), args.sample_batch_size), desc="Class images",
                       disable=not accelerator.is_local_main_process):
-        count = min(args.sample_batch_size, missing - start)
-        images = pipeline([args.class_prompt] * count, height=args.resolution, width=args.resolution,
+        batch_paths = paths[start:start + args.sample_batch_size]
+        images = pipeline([args.class_prompt] * len(batch_paths), height=args.resolution, width=args.resolution,
                           num_inference_steps=args.num_inference_steps, generator=generator).images
-        for image in images:
-            while (folder / f"class_{index:04d}.png").exists():
-                index += 1
-            utils.save_image_atomic(image, folder / f"class_{index:04d}.png")
+        for path, image in zip(batch_paths, images):
+            utils.save_image_atomic(image, path)
     del pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
+def generation_pipeline(args, dtype):
+    """The base model as a StableDiffusionPipeline without safety checker, for the class images."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, **utils.hub_kwargs(args))
+    except (OSError, ValueError) as error:
+        utils.exit_with_error(f"cannot load the model {args.pretrained_model_name_or_path!r}: "
+                              f"{utils.first_line(error)}")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Item i: instance image i mod N with the instance prompt, and with prior preservation class
-    image i mod M with the class prompt. Length max(N, M), so every image is seen each epoch."""
+    image i mod M with the class prompt. Length max(N, M), so every image is seen each epoch.
+    Images are turned upright by their EXIF orientation before ``transform``."""
 
     def __init__(self, instance_images, instance_ids, class_images, class_ids, transform):
         self.instance_images, self.instance_ids = instance_images, instance_ids
@@ -114,7 +140,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def load(self, path):
         try:
-            return self.transform(Image.open(path).convert("RGB"))
+            return self.transform(utils.load_image(path))
         except OSError as error:
             utils.exit_with_error(f"cannot read the image {path}: {error}")
 
@@ -125,6 +151,17 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             example["class_pixels"] = self.load(self.class_images[i % len(self.class_images)])
             example["class_ids"] = self.class_ids
         return example
+
+
+def training_dataset(args, tokenizer):
+    """The DreamBoothDataset of the instance (and with prior preservation the class) images."""
+    class_images = []
+    if args.with_prior_preservation:
+        class_images = utils.list_images(args.class_data_dir)[:args.num_class_images]
+    return DreamBoothDataset(
+        utils.list_images(args.instance_data_dir), utils.tokenize(tokenizer, args.instance_prompt)[0],
+        class_images, utils.tokenize(tokenizer, args.class_prompt)[0] if class_images else None,
+        utils.image_transforms(args))
 
 
 def collate(examples):
@@ -138,24 +175,17 @@ def collate(examples):
 def main(argv=None):
     args = parse_args(argv)
 
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
-    if args.seed is not None:
-        set_seed(args.seed)
-    if args.with_prior_preservation and accelerator.is_main_process:
+    accelerator = utils.make_accelerator(args, "train_dreambooth_lora")
+    if args.with_prior_preservation:
         generate_class_images(args, accelerator)
-    accelerator.wait_for_everyone()
 
-    tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args.pretrained_model_name_or_path,
-                                                                            accelerator)
-    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS)
+    tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args, accelerator)
+    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS, args.lora_dropout)
     trained_models = [unet]
     if args.train_text_encoder:
-        utils.add_lora(text_encoder, args.rank, utils.TEXT_ENCODER_LORA_TARGETS)
+        utils.add_lora(text_encoder, args.rank, utils.TEXT_ENCODER_LORA_TARGETS, args.lora_dropout)
         trained_models.append(text_encoder)
     cast_training_params(trained_models, dtype=torch.float32)
     if args.gradient_checkpointing:
@@ -167,20 +197,13 @@ def main(argv=None):
     accelerator.print(f"Trainable parameters: {trainable} (LoRA, rank {args.rank}) of {total} "
                       f"({100 * trainable / total:.2f}%)")
 
-    instance_images = utils.list_images(args.instance_data_dir)
-    class_images = []
-    if args.with_prior_preservation:
-        class_images = utils.list_images(args.class_data_dir)[:args.num_class_images]
-    accelerator.print(f"Training on {len(instance_images)} instance images ({args.instance_prompt!r})"
-                      + (f" and {len(class_images)} class images ({args.class_prompt!r})" if class_images else ""))
-    dataset = DreamBoothDataset(
-        instance_images, utils.tokenize(tokenizer, args.instance_prompt)[0],
-        class_images, utils.tokenize(tokenizer, args.class_prompt)[0] if class_images else None,
-        utils.image_transforms(args.resolution, args.center_crop, args.random_flip))
+    dataset = training_dataset(args, tokenizer)
+    accelerator.print(f"Training on {len(dataset.instance_images)} instance images ({args.instance_prompt!r})"
+                      + (f" and {len(dataset.class_images)} class images ({args.class_prompt!r})"
+                         if dataset.class_images else ""))
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                                    collate_fn=collate, num_workers=args.dataloader_num_workers)
-
-    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    optimizer = utils.make_optimizer(args, lora_parameters, accelerator.num_processes)
 
     def compute_loss(model_pred, target, timesteps):
         """Instance loss + prior_loss_weight * class loss (Ruiz et al., Eq. 2), each the noise-prediction

@@ -25,11 +25,16 @@ def parse_args(argv=None):
     data = parser.add_argument_group("data (one of --dataset_name or --train_data_dir)")
     data.add_argument("--dataset_name", default=None,
                       help="A Hugging Face hub dataset (lambdalabs/naruto-blip-captions) or a local dataset folder.")
+    data.add_argument("--dataset_config_name", default=None,
+                      help="The dataset's configuration, for a hub dataset that has several.")
     data.add_argument("--train_data_dir", default=None,
                       help="An image folder with metadata.jsonl (the datasets 'imagefolder' layout), "
                            "e.g. sample_data/artistic-custom.")
     data.add_argument("--image_column", default="image", help="Dataset column holding the images.")
     data.add_argument("--caption_column", default="text", help="Dataset column holding the captions.")
+    data.add_argument("--max_train_samples", type=int, default=None,
+                      help="Train on this many images only, drawn at random (with --seed, else seed 0, so that "
+                           "every process draws the same ones).")
     utils.add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -42,48 +47,67 @@ def parse_args(argv=None):
         if not any(folder.rglob("metadata.jsonl")):
             utils.exit_with_error(f"--train_data_dir {folder} has no metadata.jsonl with the captions")
         utils.check_images_readable(folder)
+    if args.max_train_samples is not None and args.max_train_samples < 1:
+        utils.exit_with_error(f"--max_train_samples must be at least 1, got {args.max_train_samples}")
     utils.check_common_args(args)
     return args
 
 
 def load_captioned_images(args):
-    """The training split as a datasets.Dataset, checked to have the image and caption columns."""
+    """The training split as a datasets.Dataset, checked to have the image and caption columns; with
+    --max_train_samples a random subset of that size."""
     import datasets
 
     datasets.disable_progress_bars()
     try:
         if args.train_data_dir is not None:
-            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train")
+            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, split="train",
+                                            cache_dir=args.cache_dir)
         else:
-            dataset = datasets.load_dataset(args.dataset_name, split="train")
+            dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train",
+                                            cache_dir=args.cache_dir)
     except Exception as error:  # datasets raises many types for a missing or malformed dataset
         source = args.train_data_dir or args.dataset_name
-        utils.exit_with_error(f"cannot load the dataset {source}: {str(error).strip().splitlines()[0]}")
+        utils.exit_with_error(f"cannot load the dataset {source}: {utils.first_line(error)}")
     for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
         if column not in dataset.column_names:
             utils.exit_with_error(f"{flag} {column!r} is not a column of the dataset "
                                   f"(columns: {', '.join(dataset.column_names)})")
     if len(dataset) == 0:
         utils.exit_with_error("the dataset has no images")
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=args.seed or 0).select(range(min(args.max_train_samples, len(dataset))))
     return dataset
+
+
+def training_dataset(args, dataset, tokenizer):
+    """``dataset`` as the model sees it: item i holds ``pixel_values`` [3, H, W] in [-1, 1] (the image
+    upright, resized and cropped) and ``input_ids`` [tokenizer.model_max_length] (its caption, or one
+    of its captions at random)."""
+    to_tensor = utils.image_transforms(args)
+
+    def preprocess(examples):
+        captions = [c if isinstance(c, str) else random.choice(c) for c in examples[args.caption_column]]
+        return {"pixel_values": [to_tensor(utils.upright_rgb(image)) for image in examples[args.image_column]],
+                "input_ids": utils.tokenize(tokenizer, captions)}
+
+    return dataset.with_transform(preprocess)
+
+
+def collate(examples):
+    return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "input_ids": torch.stack([e["input_ids"] for e in examples])}
 
 
 def main(argv=None):
     args = parse_args(argv)
     dataset = load_captioned_images(args)
 
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
-    if args.seed is not None:
-        set_seed(args.seed)
-
-    tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args.pretrained_model_name_or_path,
-                                                                            accelerator)
-    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS)
+    accelerator = utils.make_accelerator(args, "train_lora")
+    tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args, accelerator)
+    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS, args.lora_dropout)
     cast_training_params(unet, dtype=torch.float32)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -92,23 +116,10 @@ def main(argv=None):
     accelerator.print(f"Trainable parameters: {trainable} (LoRA, rank {args.rank}) of {total} "
                       f"({100 * trainable / total:.2f}%)")
 
-    # Data: caption -> token ids, image -> [3, H, W] in [-1, 1].
-    to_tensor = utils.image_transforms(args.resolution, args.center_crop, args.random_flip)
-
-    def preprocess(examples):
-        captions = [c if isinstance(c, str) else random.choice(c) for c in examples[args.caption_column]]
-        return {"pixel_values": [to_tensor(image.convert("RGB")) for image in examples[args.image_column]],
-                "input_ids": utils.tokenize(tokenizer, captions)}
-
-    def collate(examples):
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-                "input_ids": torch.stack([e["input_ids"] for e in examples])}
-
     train_dataloader = torch.utils.data.DataLoader(
-        dataset.with_transform(preprocess), batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-        num_workers=args.dataloader_num_workers)
-
-    optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+        training_dataset(args, dataset, tokenizer), batch_size=args.train_batch_size, shuffle=True,
+        collate_fn=collate, num_workers=args.dataloader_num_workers)
+    optimizer = utils.make_optimizer(args, lora_parameters, accelerator.num_processes)
 
     def compute_loss(model_pred, target, timesteps):
         """|| eps - eps_theta(z_t, t, CLIP(caption)) ||^2 averaged over the batch (Min-SNR weighted with

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TASK1_2D = REPO / "task1" / "2d_plot_diffusion_todo"
@@ -48,3 +49,13 @@ def load_module(folder: Path, name: str):
 def python_exe() -> str:
     """The interpreter running the tests, for CLI subprocesses."""
     return sys.executable
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models run fastest so, and on a shared CPU
+    multi-threaded runs are erratic (2 threads ran ~10x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

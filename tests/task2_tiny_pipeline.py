@@ -6,13 +6,17 @@ thousand times smaller, saved with ``save_pretrained`` so the training scripts l
 ``CompVis/stable-diffusion-v1-4``. Its VAE downsamples by 2, so 32x32 images give 16x16 latents.
 """
 import hashlib
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 RESOLUTION = 32
 # Flags every test run adds to a wrapper's own: tiny images, few denoising steps, CPU precision.
@@ -148,12 +152,80 @@ def tree_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def expected_lora_shapes(model: torch.nn.Module, suffixes: list[str], rank: int) -> dict[str, tuple]:
-    """For each nn.Linear of ``model`` whose name ends in one of ``suffixes``: its LoRA tensors
-    ``<name>.lora_A.weight`` [rank, in] and ``<name>.lora_B.weight`` [out, rank]."""
-    shapes = {}
+def _adapted_linears(model: torch.nn.Module, suffixes: list[str]):
+    """(name, layer) of each nn.Linear of ``model`` whose name ends in one of ``suffixes``."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes):
-            shapes[f"{name}.lora_A.weight"] = (rank, module.in_features)
-            shapes[f"{name}.lora_B.weight"] = (module.out_features, rank)
+            yield name, module
+
+
+def expected_lora_file(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+                       rank: int = 4) -> dict[str, tuple]:
+    """Keys and shapes of a LoRA file in diffusers' SD 1.x layout (what its examples save) for these models.
+
+    UNet (to_q, to_k, to_v, to_out.0): ``unet.<module>.lora.down.weight`` [rank, in] and
+    ``.lora.up.weight`` [out, rank]. Text encoder (q_proj, k_proj, v_proj, out_proj):
+    ``text_encoder.text_model.<module>.lora_linear_layer.down.weight`` / ``.up.weight``, with
+    transformers 4's module path (transformers 5 dropped the ``text_model.`` level).
+    """
+    shapes = {}
+    for name, layer in _adapted_linears(unet, ["to_q", "to_k", "to_v", "to_out.0"]):
+        shapes[f"unet.{name}.lora.down.weight"] = (rank, layer.in_features)
+        shapes[f"unet.{name}.lora.up.weight"] = (layer.out_features, rank)
+    if text_encoder is not None:
+        for name, layer in _adapted_linears(text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"]):
+            name = name if name.startswith("text_model.") else f"text_model.{name}"
+            shapes[f"text_encoder.{name}.lora_linear_layer.down.weight"] = (rank, layer.in_features)
+            shapes[f"text_encoder.{name}.lora_linear_layer.up.weight"] = (layer.out_features, rank)
     return shapes
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the processes of a multi-process run to meet on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def lora_products(lora_file: Path) -> dict[str, torch.Tensor]:
+    """The weight change B A [out, in] of each adapted layer in a LoRA file of diffusers' SD 1.x layout,
+    keyed by ``unet.<module>`` / ``text_encoder.<module>`` as the file names the module. Parsed here by
+    hand (``...lora.down/up.weight`` for the UNet, ``...lora_linear_layer.down/up.weight`` for the text
+    encoder), not with diffusers' converters, so that it can check them."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(lora_file)
+    products = {}
+    for key, down in tensors.items():
+        for down_suffix, up_suffix in ((".lora.down.weight", ".lora.up.weight"),
+                                       (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")):
+            if key.endswith(down_suffix):
+                module = key.removesuffix(down_suffix)
+                products[module] = tensors[module + up_suffix].float() @ down.float()
+    assert 2 * len(products) == len(tensors), f"{lora_file} holds tensors of another layout"
+    return products
+
+
+def merge_lora(pipeline, lora_file: Path, scale: float = 1.0) -> None:
+    """Add ``scale`` x B A of every layer of ``lora_file`` to the pipeline's weights in place: what
+    loading the LoRA at that scale must compute (its alpha / r is 1)."""
+    for key, product in lora_products(lora_file).items():
+        model_name, module_name = key.split(".", 1)
+        model = getattr(pipeline, model_name)
+        if not hasattr(model, "text_model"):  # transformers 5 flattened CLIPTextModel
+            module_name = module_name.removeprefix("text_model.")
+        with torch.no_grad():
+            model.get_submodule(module_name).weight += scale * product.to(model.dtype)
+
+
+def read_tensorboard(folder):
+    """(scalars, images) of the tensorboard event files directly in ``folder``: {tag: [(step, value)]}
+    and {tag: [(step, [H, W, 3] uint8 array)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)))) for e in events.Images(tag)]
+              for tag in events.Tags()["images"]}
+    return scalars, images

@@ -16,7 +16,8 @@ CLASSES = ("cat", "dog", "wild")
 T = 20
 TINY_UNET = ["--image_resolution", "16", "--ch", "32", "--ch_mult", "1", "2", "--num_res_blocks", "1",
              "--num_diffusion_train_timesteps", str(T), "--batch_size", "4", "--num_workers", "0"]
-SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "num_samples", "seed", "seconds"}
+SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "timestep_spacing", "num_samples", "seed",
+                 "use_ema", "num_processes", "seconds", "seconds_per_process"}
 
 
 def run_cli(script, *args, timeout=300):
@@ -118,6 +119,8 @@ def test_sampling_is_deterministic(trained, tmp_path, method):
     assert summary["sample_method"] == method[1] and summary["num_samples"] == 3 and summary["seed"] == 5
     assert summary["ckpt_path"] == str(ckpt)
     assert 0 < summary["seconds"] < 300
+    assert summary["num_processes"] == 1 and summary["seconds_per_process"] == [summary["seconds"]]
+    assert "1 process: 3 images (batches of up to 2)" in runs[0].stdout
 
 
 @pytest.fixture
@@ -133,6 +136,7 @@ def filled_dir(tmp_path):
     (["--sample_method", "ddim", "--ddim_steps", 0], "--ddim_steps"),
     (["--sample_method", "ddim", "--ddim_steps", T + 1], "--ddim_steps"),
     (["--sample_method", "ddim", "--eta", -0.5], "--eta"),
+    (["--sample_method", "ddim", "--eta", 1.5], "--eta must be in [0, 1]"),
     (["--sample_method", "ddjm"], "ddjm"),
 ])
 def test_sampling_rejects_bad_flags(trained, filled_dir, args, needle):
@@ -205,25 +209,6 @@ def test_train_does_not_overwrite_or_resume_nothing(trained, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_dataset_builds_the_eval_folder(tmp_path):
-    data = make_afhq_folder(tmp_path / "afhq", per_class=(1, 3))
-    result = run_cli("dataset.py", "--data_root", data)
-    assert result.returncode == 0, result.stderr[-3000:]
-    eval_dir = data / "eval"
-    sources = sorted((data / "val").rglob("*.*"))
-    assert sorted(p.name for p in eval_dir.iterdir()) == sorted(f"{p.parent.name}_{p.stem}.png" for p in sources)
-    for source in sources:
-        expected = Image.open(source).convert("RGB").resize((64, 64), Image.BICUBIC)
-        written = Image.open(eval_dir / f"{source.parent.name}_{source.stem}.png")
-        assert written.size == (64, 64) and written.mode == "RGB"
-        assert np.array_equal(np.asarray(written), np.asarray(expected))
-    # a second run keeps what is there
-    before = snapshot(eval_dir)
-    again = run_cli("dataset.py", "--data_root", data)
-    assert again.returncode == 0 and "already exists" in again.stdout
-    assert snapshot(eval_dir) == before
-
-
 def test_dataset_download_offline_is_one_clear_line(tmp_path):
     dest = tmp_path / "afhq"
     # nothing listens on port 9 of this machine: the same failure as being offline, without waiting
@@ -242,7 +227,7 @@ def test_download_unzips_into_afhq_layout(tmp_path):
     dest = tmp_path / "data" / "afhq"
     dataset.download_afhq(dest, url=archive.as_uri())
     assert sorted(p.name for p in (dest / "train").iterdir()) == list(CLASSES)
-    module = dataset.AFHQDataModule(str(dest), batch_size=2, num_workers=0, image_resolution=16)
+    module = dataset.AFHQDataModule(batch_size=2, num_workers=0, image_resolution=16, afhq_root=dest)
     images, labels = next(iter(module.train_dataloader()))
     assert images.shape == (2, 3, 16, 16) and -1 <= images.min() and images.max() <= 1
     assert set(module.train_ds.labels) == {1, 2, 3}  # sorted class index + 1; 0 is the null class

@@ -15,13 +15,7 @@ T = 20
 RES = 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CPU makes multi-threaded runs erratic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_unet(use_cfg=False, dropout=0.0):
@@ -70,6 +64,9 @@ def test_get_loss_targets(predictor):
     with torch.no_grad():
         expected = F.mse_loss(ddpm.network(x_t, t), target)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    # get_loss dispatches to the course's get_loss_<predictor>
+    torch.manual_seed(1)
+    torch.testing.assert_close(getattr(ddpm, f"get_loss_{predictor}")(x0, noise=noise), loss, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("predictor", ["noise", "x0", "mean"])
@@ -122,6 +119,10 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     tiny_module().save(path)
     before = path.read_bytes()
+    with open(tmp_path / "plain", "wb"):  # the permissions a plain open() gives, not mkstemp's 0o600
+        pass
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    os.remove(tmp_path / "plain")
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -209,3 +210,24 @@ def test_sample_follows_the_scheduler_steps():
         for t in ddpm.var_scheduler.timesteps:
             x = ddpm.var_scheduler.step(x, t, ddpm.network(x, t), "noise", noise=torch.randn(2, 3, RES, RES, generator=gen))
     torch.testing.assert_close(out, x)
+
+
+def test_cfg_network_without_a_label_samples_with_the_null_label():
+    """sample(class_label=None) on a class-conditional network = the null label 0 (what it learnt
+    for "no class"), not a conditioning it never saw; guidance_scale None means 1."""
+    ddpm = tiny_module(use_cfg=True)
+    perturb(ddpm.network)
+    ddpm.var_scheduler = scheduler.DDIMScheduler(T, 1e-4, 0.2, num_inference_timesteps=4, eta=0.5)
+    ddpm.eval()
+    x, t = torch.randn(2, 3, RES, RES), torch.tensor(7)
+    with torch.no_grad():  # the fixture can tell the two apart: no class embedding != the null one
+        assert (ddpm.network(x, t, None) - ddpm.network(x, t, torch.zeros(2, dtype=torch.long))).abs().max() > 1e-3
+
+    def draw(**kwargs):
+        return ddpm.sample(2, generator=torch.Generator().manual_seed(3), **kwargs)
+
+    null = draw(class_label=torch.zeros(2, dtype=torch.long))
+    assert torch.equal(draw(), null)
+    assert torch.equal(draw(guidance_scale=None), null)
+    label = torch.tensor([1, 2])
+    assert torch.equal(draw(class_label=label, guidance_scale=None), draw(class_label=label, guidance_scale=1.0))

@@ -69,10 +69,10 @@ def hf_ddpm(mode, predictor, sigma_type, dtype=torch.float32):
     return to_float64(hf) if dtype == torch.float64 else hf
 
 
-def hf_ddim(mode, predictor, steps, dtype=torch.float32):
+def hf_ddim(mode, predictor, steps, dtype=torch.float32, spacing="leading"):
     hf = HFDDIMScheduler(
         num_train_timesteps=T, beta_start=BETA_1, beta_end=BETA_T, beta_schedule=HF_SCHEDULE[mode],
-        clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+        clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing=spacing,
         prediction_type=HF_PREDICTION.get(predictor, "epsilon"),
     )
     hf.set_timesteps(steps)
@@ -140,15 +140,25 @@ def ddim_max_diff(ours, hf, predictor, eta, dtype, seed=0):
     return worst
 
 
+# trailing only where S divides T: elsewhere diffusers' DDIM steps to t - T // S, not to the next
+# timestep of its own sub-sequence (see test_each_ddim_step_goes_to_the_next_timestep)
+DDIM_STEPS = {"leading": (1, 7, 33, 50, 300), "trailing": (1, 10, 50, 200)}
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("mode", ["linear", "quad", "cosine"])
 @pytest.mark.parametrize("predictor", ["noise", "x0", "mean"])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-def test_ddim_trajectory_matches_diffusers(mode, predictor, eta):
+def test_ddim_trajectory_matches_diffusers(spacing, mode, predictor, eta):
+    """noise and x0 in float32: bit for bit; mean (float64, no diffusers equivalent): to TOL."""
     dtype = dtype_for(predictor)
-    ours = scheduler.DDIMScheduler(T, BETA_1, BETA_T, mode, num_inference_timesteps=50, eta=eta).to(dtype)
-    for steps in (1, 7, 33, 50, 300):  # 7, 33, 300 do not divide T
+    ours = scheduler.DDIMScheduler(T, BETA_1, BETA_T, mode, num_inference_timesteps=50, eta=eta,
+                                   timestep_spacing=spacing).to(dtype)
+    for steps in DDIM_STEPS[spacing]:
         ours.set_inference_timesteps(steps)
-        worst = ddim_max_diff(ours, hf_ddim(mode, predictor, steps, dtype), predictor, eta, dtype)
+        worst = ddim_max_diff(ours, hf_ddim(mode, predictor, steps, dtype, spacing), predictor, eta, dtype)
+        if dtype == torch.float32:
+            assert worst == 0, f"{steps} steps: max abs difference {worst:.2e}"
         assert worst < TOL, f"{steps} steps: max abs difference {worst:.2e}"
 
 
@@ -167,8 +177,8 @@ def test_ddim_all_steps_eta_one_is_ddpm_small(mode, predictor):
         for sched, x in ((ddpm, x_ddpm), (ddim, x_ddim)):
             out = gaussian_model(sched.alphas_cumprod, x, t, "x0" if predictor == "x0" else "noise")
             outs.append(closed_form_mean(sched.alphas_cumprod, x, t, out) if predictor == "mean" else out)
-        x_ddpm = ddpm.step(x_ddpm, t, outs[0], predictor, noise)
-        x_ddim = ddim.step(x_ddim, t, outs[1], predictor, noise)
+        x_ddpm = ddpm.step(x_ddpm, t, outs[0], predictor, noise=noise)
+        x_ddim = ddim.step(x_ddim, t, outs[1], predictor, noise=noise)
         worst = max(worst, (x_ddpm - x_ddim).abs().max().item())
     assert worst < 1e-9, f"max abs difference {worst:.2e}"
 
@@ -193,9 +203,98 @@ def test_ddim_rejects_bad_step_counts(bad):
 
 
 def test_rejects_bad_eta_schedule_predictor():
-    with pytest.raises(ValueError, match="eta"):
-        scheduler.DDIMScheduler(T, BETA_1, BETA_T, eta=-0.1)
+    for eta in (-0.1, 1.5, float("nan")):  # eta > 1: 1 - alpha_bar_prev - sigma^2 < 0, NaN images
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            scheduler.DDIMScheduler(T, BETA_1, BETA_T, eta=eta)
+    with pytest.raises(ValueError, match="timestep spacing"):
+        scheduler.DDIMScheduler(T, BETA_1, BETA_T, timestep_spacing="cubic")
     with pytest.raises(ValueError, match="schedule"):
         scheduler.DDPMScheduler(T, BETA_1, BETA_T, mode="sigmoid")
     with pytest.raises(ValueError, match="predictor"):
         scheduler.DDPMScheduler(T, BETA_1, BETA_T).step(torch.zeros(SHAPE), 5, torch.zeros(SHAPE), "velocity")
+
+
+@pytest.mark.parametrize("sample_method", ["ddpm", "ddim"])
+def test_step_takes_a_batch_holding_one_timestep(sample_method):
+    sched = scheduler.build_scheduler(scheduler.DDPMScheduler(T, BETA_1, BETA_T).config, sample_method,
+                                      ddim_steps=10, eta=0.5)
+    x, out, noise = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    t, other = int(sched.timesteps[3]), int(sched.timesteps[4])
+    one = sched.step(x, t, out, "noise", noise=noise)
+    assert torch.equal(sched.step(x, torch.full((SHAPE[0],), t), out, "noise", noise=noise), one)
+    assert torch.equal(sched.step(x, torch.tensor(t), out, "noise", noise=noise), one)
+    with pytest.raises(ValueError, match="one timestep for the whole batch"):
+        sched.step(x, torch.tensor([t, other]), out, "noise", noise=noise)
+
+
+def test_ddim_refuses_a_timestep_outside_its_sub_sequence():
+    ddim = scheduler.DDIMScheduler(T, BETA_1, BETA_T, num_inference_timesteps=10)
+    with pytest.raises(ValueError, match="not one of the DDIM timesteps"):
+        ddim.step(torch.zeros(SHAPE), 950, torch.zeros(SHAPE), "noise")
+
+
+# --- timestep spacings (DDIM paper Appendix D.2; diffusers; Lin et al. 2023) ---
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_sub_sequence_equals_diffusers_timesteps(spacing):
+    hf = HFDDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=0)
+    extra = []
+    for steps in range(1, T + 1):
+        hf.set_timesteps(steps)
+        ours, _ = scheduler.ddim_sub_sequence(T, steps, spacing)
+        theirs = hf.timesteps
+        if len(theirs) == steps + 1:
+            # diffusers' trailing arange can put a point a hair above 0: a timestep -1 (dropped here)
+            assert spacing == "trailing" and theirs[-1] == -1
+            extra.append(steps)
+            theirs = theirs[:-1]
+        assert torch.equal(ours, theirs), steps
+    assert len(extra) < 100  # a few S (61, 103, ... for T = 1000), not a different rule
+
+
+def test_quadratic_is_the_ddim_papers_sub_sequence():
+    for steps in (1, 2, 10, 20, 29, 30, 50, 100, 1000):
+        # the DDIM authors' code for "quad" skip (runners/diffusion.py)
+        seq = [int(s) for s in list(np.linspace(0, np.sqrt(T * 0.8), steps) ** 2)]
+        ours, _ = scheduler.ddim_sub_sequence(T, steps, "quadratic")
+        assert ours.tolist() == sorted(set(seq), reverse=True), steps  # repeats (a step t -> t) dropped
+        assert (len(ours) == steps) == (steps <= 29)  # repeats start at S > sqrt(0.8 T) + 1
+
+
+@pytest.mark.parametrize("spacing", scheduler.TIMESTEP_SPACINGS)
+def test_sub_sequences_never_repeat_and_end_on_a_clean_sample(spacing):
+    for steps in (1, 2, 3, 7, 10, 16, 20, 50, 61, 100, 333, 999, 1000):
+        timesteps, prev = scheduler.ddim_sub_sequence(T, steps, spacing)
+        assert (timesteps[:-1] > timesteps[1:]).all(), steps  # strictly descending: no step repeats
+        assert 0 <= timesteps.min() and timesteps.max() <= T - 1
+        assert torch.equal(prev, torch.cat([timesteps[1:], torch.tensor([-1])]))  # each step to the next one
+        assert timesteps[-1] == (round(T / steps) - 1 if spacing == "trailing" else 0), steps
+        assert len(timesteps) == steps or spacing == "quadratic"
+    # the last step goes to alpha_bar = 1: x_prev is the predicted x_0 itself, whatever eta
+    for eta in (0.0, 1.0):
+        ddim = scheduler.DDIMScheduler(T, BETA_1, BETA_T, num_inference_timesteps=10, eta=eta,
+                                       timestep_spacing=spacing).double()
+        x, eps = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2))
+        last = ddim.timesteps[-1]
+        torch.testing.assert_close(ddim.step(x, last, eps, "noise", noise=torch.randn_like(x)),
+                                   ddim.predict_x0(x, last, eps, "noise"), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spacing, steps", [("linspace", 10), ("linspace", 7), ("quadratic", 10),
+                                            ("quadratic", 50), ("trailing", 7), ("leading", 7)])
+@pytest.mark.parametrize("predictor", ["noise", "x0"])
+def test_each_ddim_step_goes_to_the_next_timestep(spacing, steps, predictor):
+    """DDIM with eta = 1 on a sub-sequence is ancestral DDPM on that sub-sequence (DDIM eq. 16):
+    diffusers' DDPMScheduler with these custom timesteps, which steps from each to the next one."""
+    ours = scheduler.DDIMScheduler(T, BETA_1, BETA_T, num_inference_timesteps=steps, eta=1.0,
+                                   timestep_spacing=spacing).double()
+    reference = hf_ddpm("linear", predictor, "small", torch.float64)
+    reference.set_timesteps(timesteps=ours.timesteps.tolist())
+    worst = ddpm_max_diff(ours, reference, predictor, torch.float64)
+    assert worst < 1e-9, f"max abs difference {worst:.2e}"
+    if spacing == "linspace":
+        # diffusers' own DDIM goes to t - T // S instead (its issue #12633): a different trajectory
+        ours32 = scheduler.DDIMScheduler(T, BETA_1, BETA_T, num_inference_timesteps=steps, eta=1.0,
+                                         timestep_spacing=spacing)
+        diffusers_ddim = hf_ddim("linear", predictor, steps, spacing=spacing)
+        assert ddim_max_diff(ours32, diffusers_ddim, predictor, 1.0, torch.float32) > 1e-2

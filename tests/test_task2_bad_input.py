@@ -17,6 +17,24 @@ def tiny_model(tmp_path_factory):
     return tiny_pipeline_dir(tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tmp_path_factory):
+    """Checkpoint LoRA files of rank 4 as the scripts write them: the UNet's LoRA alone ("unet") and the
+    UNet's and the text encoder's ("unet+text_encoder")."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    utils = load_module(TASK2, "utils")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
+    utils.add_lora(unet, 4, utils.UNET_LORA_TARGETS)
+    utils.add_lora(text_encoder, 4, utils.TEXT_ENCODER_LORA_TARGETS)
+    folder = tmp_path_factory.mktemp("checkpoints")
+    utils.save_lora_weights(folder / "unet", unet)
+    utils.save_lora_weights(folder / "unet+text_encoder", unet, text_encoder)
+    return folder
+
+
 @pytest.fixture
 def earlier_run(tmp_path):
     """An OUTPUT_DIR holding the results of an earlier run, which a failed run must leave as they are."""
@@ -27,14 +45,17 @@ def earlier_run(tmp_path):
     return out
 
 
-def test_wrapper_with_a_missing_data_folder_prints_one_line_and_exits(tiny_model, earlier_run, tmp_path):
+@pytest.mark.parametrize("case", ["missing data folder", "NUM_PROCESSES not a number"])
+def test_wrapper_with_bad_input_prints_one_line_and_exits(case, tiny_model, earlier_run, tmp_path):
+    env = {"MODEL_NAME": str(tiny_model), "TRAIN_DATA_DIR": str(tmp_path / "missing"), "OUTPUT_DIR": str(earlier_run)}
+    expected = f"error: --train_data_dir {tmp_path / 'missing'} is not a folder"
+    if case == "NUM_PROCESSES not a number":
+        env.update(TRAIN_DATA_DIR=str(SAMPLE_STYLE), NUM_PROCESSES="two")
+        expected = "error: NUM_PROCESSES must be a positive integer, got 'two'"
     before = tree_digest(earlier_run)
-    result = run_wrapper(TASK2 / "scripts" / "train_lora_custom.sh",
-                         {"MODEL_NAME": str(tiny_model), "TRAIN_DATA_DIR": str(tmp_path / "missing"),
-                          "OUTPUT_DIR": str(earlier_run)},
-                         ["--resolution=32"], tmp_path / "hf")
+    result = run_wrapper(TASK2 / "scripts" / "train_lora_custom.sh", env, ["--resolution=32"], tmp_path / "hf")
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines() == [f"error: --train_data_dir {tmp_path / 'missing'} is not a folder"]
+    assert result.stderr.strip().splitlines() == [expected]
     assert "Traceback" not in result.stdout
     assert tree_digest(earlier_run) == before
 
@@ -47,7 +68,7 @@ def captioned_folder(folder, caption_key):
     return folder
 
 
-# case -> (flags that differ from a good run, what the error line must say)
+# case -> (flags that differ from a good run (None: a flag without value), what the error line must say)
 TRAIN_LORA_CASES = {
     "caption column absent": ({}, "--caption_column 'text' is not a column of the dataset (columns: image, caption)"),
     "rank 0": ({"--rank": "0"}, "--rank must be at least 1, got 0"),
@@ -58,26 +79,67 @@ TRAIN_LORA_CASES = {
     "data folder without metadata.jsonl": ({"--train_data_dir": "{tmp}/empty"},
                                            "--train_data_dir {tmp}/empty has no metadata.jsonl"),
     "unreadable image": ({}, "cannot read the image {tmp}/data/train/0000.png"),
+    "8-bit Adam on a CPU": ({"--use_8bit_adam": None},
+                            "--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers run on CUDA only)"),
+    "wandb not installed": ({"--report_to": "wandb"}, "--report_to wandb needs the wandb package"),
+    "max_train_samples 0": ({"--max_train_samples": "0"}, "--max_train_samples must be at least 1, got 0"),
+    "adam_beta1 1.5": ({"--adam_beta1": "1.5"}, "--adam_beta1 must be in [0, 1), got 1.5"),
+    "negative noise offset": ({"--noise_offset": "-0.1"}, "--noise_offset must be >= 0, got -0.1"),
+    "no such checkpoint": ({"--resume_from_checkpoint": "checkpoint-7"},
+                           "--resume_from_checkpoint checkpoint-7: no checkpoint folder "
+                           "(with pytorch_lora_weights.safetensors) at {tmp}/out/checkpoint-7 or checkpoint-7"),
+    "damaged checkpoint": ({"--resume_from_checkpoint": "checkpoint-3"},
+                           "cannot read {tmp}/out/checkpoint-3/pytorch_lora_weights.safetensors"),
+    "checkpoint with text-encoder LoRA": ({"--resume_from_checkpoint": "checkpoint-3"},
+                                          "--resume_from_checkpoint {tmp}/out/checkpoint-3 trained the text encoder's "
+                                          "LoRA too, this run the UNet's only"),
+    "checkpoint of another rank": ({"--resume_from_checkpoint": "checkpoint-3", "--rank": "8"},
+                                   "--resume_from_checkpoint {tmp}/out/checkpoint-3 has rank [4], this run --rank 8"),
 }
+# The checkpoint-3 a case puts in OUTPUT_DIR: one of the `checkpoints` fixture's, or damaged bytes.
+CHECKPOINT_OF_CASE = {"damaged checkpoint": None, "checkpoint with text-encoder LoRA": "unet+text_encoder",
+                      "checkpoint of another rank": "unet", "add the text encoder to a UNet checkpoint": "unet"}
+
+
+def put_checkpoint(case, earlier_run, checkpoints):
+    """Give ``earlier_run`` the checkpoint-3 that ``case`` needs, if any."""
+    if case not in CHECKPOINT_OF_CASE:
+        return
+    folder = earlier_run / "checkpoint-3"
+    if CHECKPOINT_OF_CASE[case] is None:
+        folder.mkdir()
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"the disk filled up while writing this")
+    else:
+        shutil.copytree(checkpoints / CHECKPOINT_OF_CASE[case], folder)
+
+
+def skip_where_valid(case):
+    if case in ("fp16 on a CPU", "8-bit Adam on a CPU") and torch.cuda.is_available():
+        pytest.skip("valid on a machine with CUDA")
+    if case == "wandb not installed":
+        from accelerate.utils import is_wandb_available
+
+        if is_wandb_available():
+            pytest.skip("wandb is installed")
 
 
 @pytest.mark.parametrize("case", TRAIN_LORA_CASES)
-def test_train_lora_rejects_bad_input(case, tiny_model, earlier_run, tmp_path, capsys):
-    if case == "fp16 on a CPU" and torch.cuda.is_available():
-        pytest.skip("fp16 is valid on this machine")
+def test_train_lora_rejects_bad_input(case, tiny_model, checkpoints, earlier_run, tmp_path, capsys):
+    skip_where_valid(case)
     (tmp_path / "empty").mkdir()
     data = captioned_folder(tmp_path / "data", "caption" if case == "caption column absent" else "text")
     if case == "unreadable image":
         (data / "train" / "0000.png").write_bytes(b"not a PNG")
+    put_checkpoint(case, earlier_run, checkpoints)
     overrides, expected = TRAIN_LORA_CASES[case]
     args = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(earlier_run),
             "--train_data_dir": str(data), "--resolution": "32", "--mixed_precision": "no"}
-    args.update({flag: value.format(tmp=tmp_path) for flag, value in overrides.items()})
+    args.update({flag: value if value is None else value.format(tmp=tmp_path) for flag, value in overrides.items()})
     before = tree_digest(earlier_run)
 
     train_lora = load_module(TASK2, "train_lora")
     with pytest.raises(SystemExit) as exit_info:
-        train_lora.main([f"{flag}={value}" for flag, value in args.items()])
+        train_lora.main([flag if value is None else f"{flag}={value}" for flag, value in args.items()])
 
     assert exit_info.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
@@ -86,8 +148,11 @@ def test_train_lora_rejects_bad_input(case, tiny_model, earlier_run, tmp_path, c
 
 
 @pytest.mark.parametrize("case", ["missing instance folder", "no images", "unreadable image",
-                                  "prior without class prompt", "rank 0"])
-def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, tmp_path, capsys):
+                                  "prior without class prompt", "rank 0", "fp16 class images on a CPU",
+                                  "add the text encoder to a UNet checkpoint"])
+def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, earlier_run, tmp_path, capsys):
+    if case == "fp16 class images on a CPU" and torch.cuda.is_available():
+        pytest.skip("valid on a machine with CUDA")
     (tmp_path / "empty").mkdir()
     args = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(earlier_run),
             "--instance_data_dir": str(SAMPLE_CAT), "--instance_prompt": "a photo of sks cat",
@@ -99,6 +164,10 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, 
         "unreadable image": f"cannot read the image {tmp_path / 'cat' / 'broken.jpg'}",
         "prior without class prompt": "--with_prior_preservation needs --class_data_dir and --class_prompt",
         "rank 0": "--rank must be at least 1, got 0",
+        "fp16 class images on a CPU": "--prior_generation_precision=fp16 needs a CUDA GPU",
+        "add the text encoder to a UNet checkpoint": (f"--resume_from_checkpoint {earlier_run / 'checkpoint-3'} "
+                                                      "trained the UNet's LoRA only, this run adds "
+                                                      "--train_text_encoder"),
     }[case]
     if case == "missing instance folder":
         args["--instance_data_dir"] = str(tmp_path / "nowhere")
@@ -110,6 +179,12 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, 
         args["--instance_data_dir"] = str(tmp_path / "cat")
     elif case == "prior without class prompt":
         flags = ["--with_prior_preservation", f"--class_data_dir={tmp_path / 'class'}"]
+    elif case == "fp16 class images on a CPU":
+        flags = ["--with_prior_preservation", f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a cat",
+                 "--prior_generation_precision=fp16"]
+    elif case == "add the text encoder to a UNet checkpoint":
+        put_checkpoint(case, earlier_run, checkpoints)
+        flags = ["--train_text_encoder", "--resume_from_checkpoint=checkpoint-3"]
     else:
         args["--rank"] = "0"
     before = tree_digest(earlier_run)
@@ -123,3 +198,35 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, earlier_run, 
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
     assert tree_digest(earlier_run) == before
     assert not (tmp_path / "class").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_a_failed_write_leaves_the_earlier_file_or_folder_and_no_temporary(kind, tmp_path):
+    """utils.atomic_write, which writes the LoRA file, the checkpoint folders and the images."""
+    utils = load_module(TASK2, "utils")
+    path = tmp_path / ("weights.safetensors" if kind == "file" else "checkpoint-3")
+    if kind == "file":
+        path.write_bytes(b"earlier")
+    else:
+        path.mkdir()
+        (path / "optimizer.bin").write_bytes(b"earlier")
+    before = tree_digest(tmp_path)
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        with utils.atomic_write(path) as tmp:
+            if kind == "file":
+                tmp.write_bytes(b"half of the new")
+            else:
+                tmp.mkdir()
+                (tmp / "optimizer.bin").write_bytes(b"half of the new")
+            raise RuntimeError("disk full")
+    assert tree_digest(tmp_path) == before
+
+    with utils.atomic_write(path) as tmp:
+        if kind == "file":
+            tmp.write_bytes(b"new")
+        else:
+            tmp.mkdir()
+            (tmp / "optimizer.bin").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert (path if kind == "file" else path / "optimizer.bin").read_bytes() == b"new"

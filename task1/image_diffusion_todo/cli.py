@@ -45,17 +45,31 @@ def pick_device(gpu: int) -> torch.device:
     return torch.device(f"cuda:{gpu}")
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# the permissions open() and mkdir() give (mkstemp's and mkdtemp's are owner-only); the umask is
+# read once, at import, because it can only be read by setting it
+UMASK = _read_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
+
+
 def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
     """write(f) into a temporary file beside path, fsync it, then rename it over path.
 
     Readers (and a crash) see the old file or the new one, never half of one; on failure the
     temporary file is removed and path is untouched. The temporary file is in path's own folder
-    because a rename is only atomic within one file system.
+    because a rename is only atomic within one file system; it gets the permissions open() would
+    give (mkstemp's are owner-only).
     """
     path = Path(path)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())

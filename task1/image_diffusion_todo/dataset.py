@@ -6,22 +6,31 @@ classifier-free guidance.
 
     python dataset.py                     # download AFHQ if missing, build data/afhq/eval
     python dataset.py --data_root DIR     # the same for another folder in AFHQ's layout
+
+The eval folder is the course's FID reference set, built as the course's dataset.py builds it:
+every val image resized to 64x64 by PIL's resize with its defaults and saved again under its own
+file name with PIL's defaults (AFHQ's JPEGs are re-encoded as JPEG), so FIDs measured against it
+compare with the course's and a classmate's.
 """
 import os
 import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torchvision.transforms as transforms
-from cli import ArgumentParser, run
+from cli import DIR_MODE, ArgumentParser, run
 from PIL import Image
 from tqdm import tqdm
 
 AFHQ_URL = "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1"
-DEFAULT_ROOT = "data/afhq"
+# where the course's AFHQDataModule("data") keeps AFHQ: the default --data_root of train.py and dataset.py
+DEFAULT_ROOT = os.path.join("data", "afhq")
+EVAL_FORMATS = ("source", "png")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
@@ -74,6 +83,7 @@ class AFHQDataset(torch.utils.data.Dataset):
     def __init__(self, root: str, split: str, transform=None, max_num_images_per_cat=-1, label_offset=1):
         super().__init__()
         self.root, self.split, self.transform = root, split, transform
+        self.max_num_images_per_cat, self.label_offset = max_num_images_per_cat, label_offset
         split_dir = Path(root) / split
         if not split_dir.is_dir():
             raise DatasetError(f"no {split}/ folder in {root} (expected {root}/{split}/<class>/*.png|jpg)")
@@ -107,22 +117,38 @@ class AFHQDataset(torch.utils.data.Dataset):
 
 
 class AFHQDataModule(object):
-    """Train/val datasets and loaders for a folder in AFHQ's layout (root = the folder that
-    holds train/ and val/). val/ is optional for training."""
+    """Train/val datasets and loaders of AFHQ, with the course's arguments and defaults.
 
-    def __init__(self, root: str = DEFAULT_ROOT, batch_size: int = 32, num_workers: int = 4,
-                 max_num_images_per_cat: int = -1, image_resolution: int = 64, label_offset=1):
+    root is the folder that holds afhq/ (the course's meaning); AFHQ is downloaded into root/afhq
+    when that is missing, as the course's does. afhq_root (keyword only, this project's addition)
+    is any folder in AFHQ's layout instead, used as it is (train.py --data_root). val/ is
+    optional for training.
+    """
+
+    def __init__(self, root: str = "data", batch_size: int = 32, num_workers: int = 4,
+                 max_num_images_per_cat: int = 1000, image_resolution: int = 64, label_offset=1, transform=None,
+                 *, afhq_root: Optional[str] = None):
         self.root = root
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.transform = transforms.Compose([
+        self.afhq_root = os.path.join(root, "afhq") if afhq_root is None else str(afhq_root)
+        self.max_num_images_per_cat = max_num_images_per_cat
+        self.image_resolution = image_resolution
+        self.label_offset = label_offset
+        if afhq_root is None and not os.path.exists(self.afhq_root):
+            print(f"{self.afhq_root} does not exist: downloading AFHQ")
+            download_afhq(self.afhq_root)
+        if not os.path.isdir(self.afhq_root):
+            raise DatasetError(f"data folder not found: {self.afhq_root}")
+        self.transform = transform if transform is not None else transforms.Compose([
             transforms.Resize((image_resolution, image_resolution)),
             transforms.ToTensor(),
             transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
         ])
-        self.train_ds = AFHQDataset(root, "train", self.transform, max_num_images_per_cat, label_offset)
-        has_val = (Path(root) / "val").is_dir()
-        self.val_ds = AFHQDataset(root, "val", self.transform, max_num_images_per_cat, label_offset) if has_val else None
+        self.train_ds = AFHQDataset(self.afhq_root, "train", self.transform, max_num_images_per_cat, label_offset)
+        has_val = (Path(self.afhq_root) / "val").is_dir()
+        self.val_ds = (AFHQDataset(self.afhq_root, "val", self.transform, max_num_images_per_cat, label_offset)
+                       if has_val else None)
         self.num_classes = self.train_ds.num_classes
 
     def train_dataloader(self):
@@ -134,13 +160,13 @@ class AFHQDataModule(object):
                                            shuffle=False, drop_last=False)
 
 
-def download_afhq(dest, url: str = AFHQ_URL, timeout: float = 30.0) -> None:
-    """Download and unzip AFHQ so that dest/{train,val}/{cat,dog,wild} exist.
+def download_afhq(dest, url: Optional[str] = None, timeout: float = 30.0) -> None:
+    """Download (from url, default AFHQ_URL) and unzip AFHQ so that dest/{train,val}/{cat,dog,wild} exist.
 
     Everything goes to temporary names next to dest first: an interrupted download leaves dest
     untouched. DatasetError (one line) when the download fails, e.g. offline.
     """
-    dest = Path(dest)
+    dest, url = Path(dest), url or AFHQ_URL
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".afhq-download-") as tmp:
         zip_path = Path(tmp) / "afhq.zip"
@@ -171,24 +197,36 @@ def download_afhq(dest, url: str = AFHQ_URL, timeout: float = 30.0) -> None:
                 os.replace(split_dir, dest / split_dir.name)
 
 
-def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "val") -> int:
-    """Write every image of data_root/split, resized to resolution x resolution (bicubic), as
-    eval_dir/<class>_<name>.png (lossless). Built in a temporary folder and renamed at the end,
-    so eval_dir is either complete or absent. Returns the number of images."""
+def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "val", image_format: str = "source") -> int:
+    """Write every image of data_root/split resized to resolution x resolution into eval_dir.
+
+    image_format "source" (the course's): PIL's resize((resolution, resolution)) with its defaults
+    (bicubic for RGB), saved under the file's own name with PIL's defaults (a JPEG is re-encoded
+    at quality 75), as the course's dataset.py does. "png": the same pixels before re-encoding,
+    saved losslessly as <name>.png. Built in a temporary folder and renamed at the end, so
+    eval_dir is either complete or absent. Returns the number of images.
+    """
     eval_dir = Path(eval_dir)
-    dataset = AFHQDataset(str(data_root), split)
+    sources = AFHQDataset(str(data_root), split).fnames
+    names = [source.name if image_format == "source" else f"{source.stem}.png" for source in sources]
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise DatasetError(f"two {split} images would both be {eval_dir / repeated[0]} (the eval folder is flat)")
     eval_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=eval_dir.parent, prefix=f".{eval_dir.name}-tmp-"))
     try:
-        for fname, label in tqdm(zip(dataset.fnames, dataset.labels), total=len(dataset), desc="eval images"):
-            category = dataset.categories[label - 1]
-            img = open_rgb(fname).resize((resolution, resolution), Image.BICUBIC)
-            img.save(tmp / f"{category}_{fname.stem}.png")
+        os.chmod(tmp, DIR_MODE)
+        for source, name in tqdm(zip(sources, names), total=len(sources), desc="eval images"):
+            try:
+                with Image.open(source) as img:
+                    img.resize((resolution, resolution)).save(tmp / name)
+            except Exception as error:
+                raise DatasetError(f"cannot resize and save {source}: {error}") from None
         os.replace(tmp, eval_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return len(dataset)
+    return len(sources)
 
 
 def main(args):
@@ -200,16 +238,20 @@ def main(args):
     if not data_root.exists():
         print(f"{data_root} does not exist: downloading AFHQ")
         download_afhq(data_root, args.url)
-    num_images = prepare_eval_dir(data_root, eval_dir, args.resolution)
+    num_images = prepare_eval_dir(data_root, eval_dir, args.resolution, image_format=args.format)
     print(f"Constructed eval dir at {eval_dir} ({num_images} images, {args.resolution}x{args.resolution})")
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Download AFHQ (if missing) and build the FID evaluation folder.")
+    parser = ArgumentParser(description="Download AFHQ (if missing) and build the FID evaluation folder "
+                                        "as the course does.")
     parser.add_argument("--data_root", default=DEFAULT_ROOT,
                         help="folder in AFHQ's layout: {train,val}/<class>/*.png|jpg (downloaded here if missing)")
     parser.add_argument("--eval_dir", default=None, help="where to write the eval images (default: DATA_ROOT/eval)")
     parser.add_argument("--resolution", type=int, default=64, help="eval image size in pixels")
+    parser.add_argument("--format", choices=EVAL_FORMATS, default="source",
+                        help="source (the course's): each image under its own name and format, re-encoded "
+                             "with PIL's defaults; png: lossless <name>.png (FIDs then differ from the course's)")
     parser.add_argument("--url", default=AFHQ_URL, help="where to download afhq.zip from")
     return parser.parse_args(argv)
 

@@ -1,106 +1,233 @@
-"""Sample images from a trained checkpoint with DDPM or DDIM.
+"""Sample images from a trained checkpoint with DDPM or DDIM, in one process or several.
 
     python sampling.py --ckpt_path CKPT --save_dir SAVE_DIR --sample_method ddim --ddim_steps 50 --eta 0.0
+    accelerate launch --num_processes 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
+    torchrun --nproc_per_node 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
 
-Writes SAVE_DIR/{i}.png for i = 0..num_samples-1 and SAVE_DIR/sampling.json. The noise schedule
-(T, betas, schedule mode, predictor) comes from the checkpoint. The same flags and --seed give
-the same images.
+Writes SAVE_DIR/{i}.png for i = 0..num_samples-1 and SAVE_DIR/sampling.json. The checkpoint may be
+one train.py wrote or a course (Lab-1) file (read without running code from it, see
+course_checkpoint.py). The noise schedule (T, betas, schedule mode) and the predictor come from
+the checkpoint: the course's flags --predictor, --mode, --beta_1, --beta_T may repeat them, a flag
+that contradicts the checkpoint stops the run, and --predictor fills in what a 2025 Lab-1 file
+lacks. --use_ema samples with the checkpoint's EMA weights (train.py --ema_decay).
+
+Image i depends on (--seed, i) alone, so the same flags give the same PNGs whatever the number of
+processes and --batch_size:
+  - image i has its own torch.Generator, seeded from (seed, i) (image_seed). It draws, in this
+    order, i's class label (--use_cfg), x_T[i], and i's noise at every step. A batch draws
+    [1, C, H, W] from each of its B generators: B small draws per step, next to which one network
+    call on the batch costs far more (benchmarks/bench_sampling.py measures both).
+  - the images are cut into the batches one process would sample, [0, B), [B, 2B), ..., and each
+    of N processes (accelerate launch / torchrun) samples a contiguous block of those batches and
+    writes only its own PNGs. So a batch holds the same images whatever N, and N processes give
+    the bytes of one process even on hardware whose kernels round differently for other batch
+    sizes. (A different --batch_size gives the same images up to such rounding: on a CPU, the
+    same bytes; tests/test_image_sampling_distributed.py checks both.)
+The main process writes sampling.json once, after every process has finished.
 """
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 from cli import ArgumentParser, UsageError, pick_device, run, atomic_write_text
 from dataset import tensor_to_pil_image
 from model import CheckpointError, DiffusionModule
-from scheduler import build_scheduler
+from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler
 from tqdm import tqdm
 
 
 def check_args(args):
     if args.ddim_steps < 1:
         raise UsageError(f"--ddim_steps must be >= 1, got {args.ddim_steps}")
-    if not args.eta >= 0:
-        raise UsageError(f"--eta must be >= 0, got {args.eta}")
+    if not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
     if args.num_samples < 1 or args.batch_size < 1:
         raise UsageError("--num_samples and --batch_size must be >= 1")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+
+
+def check_course_flags(args, stored_predictor, schedule: dict):
+    """Stop when --predictor, --mode, --beta_1 or --beta_T contradicts the checkpoint.
+
+    stored_predictor: None for a file that does not record it (a 2025 Lab-1 file); a cosine
+    schedule does not use beta_1 and beta_T.
+    """
+    if args.predictor is not None and stored_predictor not in (None, args.predictor):
+        raise UsageError(f"--predictor {args.predictor} contradicts the checkpoint's predictor {stored_predictor}")
+    if args.mode is not None and args.mode != schedule["mode"]:
+        raise UsageError(f"--mode {args.mode} contradicts the checkpoint's mode {schedule['mode']}")
+    if schedule["mode"] == "cosine":
+        return
+    for name in ("beta_1", "beta_T"):
+        given = getattr(args, name)
+        if given is not None and not math.isclose(given, schedule[name], rel_tol=1e-6):
+            raise UsageError(f"--{name} {given:g} contradicts the checkpoint's {name} {schedule[name]:g}")
+
+
+def load_ema_weights(network, checkpoint: dict, ckpt_path) -> None:
+    """Put the checkpoint's "ema_state_dict" (train.py --ema_decay) into network."""
+    if "ema_state_dict" not in checkpoint:
+        raise UsageError(f"--use_ema: {ckpt_path} holds no EMA weights (train with --ema_decay to save them)")
+    try:
+        network.load_state_dict(checkpoint["ema_state_dict"])
+    except (RuntimeError, TypeError) as error:
+        reason = " ".join(line.strip() for line in str(error).splitlines())  # "Error(s) in ...:" + the keys
+        raise CheckpointError(f"the EMA weights of {ckpt_path} do not match its network: {reason}") from None
+
+
+def image_seed(seed: int, i: int) -> int:
+    """The 64-bit seed of image i's generator. numpy's SeedSequence hashes (seed, i) together, so
+    no two pairs share a stream (with seed + i, image 1 of seed 5 would be image 0 of seed 6)."""
+    return int(np.random.SeedSequence([seed, i]).generate_state(1, np.uint64)[0])
+
+
+def image_generators(seed: int, indices, device) -> list:
+    """One torch.Generator on device per image index, seeded from (seed, i) alone."""
+    return [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in indices]
+
+
+def split_batches(num_samples: int, batch_size: int, num_processes: int) -> list:
+    """The batches of each process: [[range(start, end), ...] for each process].
+
+    The images are cut into the batches one process would sample, [0, B), [B, 2B), ..., and each
+    process gets a contiguous block of them, the first processes one batch more when they do not
+    divide evenly.
+    """
+    batches = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+    blocks = np.array_split(np.arange(len(batches)), num_processes)
+    return [[batches[k] for k in block] for block in blocks]
+
+
+def describe_split(shares, batch_size: int) -> str:
+    """How the images are shared, e.g. "2 processes: 256 + 244 images (batches of up to 64)"."""
+    counts = [sum(len(batch) for batch in share) for share in shares]
+    processes = "1 process" if len(shares) == 1 else f"{len(shares)} processes"
+    return f"{processes}: {' + '.join(map(str, counts))} images (batches of up to {batch_size})"
 
 
 def main(args):
     check_args(args)
-    device = pick_device(args.gpu)
 
     ddpm = DiffusionModule(None, None)
-    ddpm.load(args.ckpt_path)
+    checkpoint = ddpm.load(args.ckpt_path)
+    check_course_flags(args, checkpoint["config"]["predictor"], ddpm.var_scheduler.config)
+    if args.predictor is not None:  # the checkpoint's own, or what a 2025 Lab-1 file lacks
+        ddpm.predictor = args.predictor
+    if args.use_ema:
+        load_ema_weights(ddpm.network, checkpoint, args.ckpt_path)
     T = ddpm.var_scheduler.num_train_timesteps
     if args.sample_method == "ddim" and args.ddim_steps > T:
         raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the checkpoint's T = {T}")
     if args.use_cfg and not ddpm.network.use_cfg:
         raise UsageError(f"{args.ckpt_path} was not trained with --use_cfg: it cannot do classifier-free guidance")
-    ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps, args.eta)
+    ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps, args.eta,
+                                         timestep_spacing=args.timestep_spacing)
+
+    # one process under plain python; N under accelerate launch or torchrun (gloo without CUDA)
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    device = pick_device(args.gpu) if state.num_processes == 1 else state.device
     ddpm = ddpm.to(device).eval()
+    shares = split_batches(args.num_samples, args.batch_size, state.num_processes)
+    my_batches = shares[state.process_index]
+    num_steps = len(ddpm.var_scheduler.timesteps)
+    if state.is_main_process:
+        print(describe_split(shares, args.batch_size), flush=True)
+        if args.sample_method == "ddim" and num_steps < args.ddim_steps:
+            print(f"{args.timestep_spacing} spacing repeats timesteps at {args.ddim_steps} steps: "
+                  f"taking the {num_steps} distinct ones")
 
     save_dir = Path(args.save_dir)
     save_dir.mkdir(exist_ok=True, parents=True)
-    generator = torch.Generator(device).manual_seed(args.seed)
     num_classes = ddpm.network.config["num_classes"]
 
     seconds = 0.0
-    num_batches = int(np.ceil(args.num_samples / args.batch_size))
-    for i in tqdm(range(num_batches), desc="batches"):
-        sidx = i * args.batch_size
-        eidx = min(sidx + args.batch_size, args.num_samples)
-        B = eidx - sidx
-
+    for indices in tqdm(my_batches, desc="batches", disable=not state.is_main_process):
+        generators = image_generators(args.seed, indices, device)
         class_label, guidance_scale = None, 1.0
         if args.use_cfg:
-            class_label = torch.randint(1, num_classes + 1, (B,), generator=generator, device=device)
+            class_label = torch.cat([torch.randint(1, num_classes + 1, (1,), generator=g, device=device)
+                                     for g in generators])
             guidance_scale = args.cfg_scale
 
         # time the reverse process only: not model loading, not writing PNGs
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        samples = ddpm.sample(B, class_label=class_label, guidance_scale=guidance_scale, generator=generator)
+        samples = ddpm.sample(len(indices), class_label=class_label, guidance_scale=guidance_scale,
+                              generator=generators, progress=state.is_main_process)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - start
 
-        for j, img in zip(range(sidx, eidx), tensor_to_pil_image(samples)):
-            img.save(save_dir / f"{j}.png")
+        for i, img in zip(indices, tensor_to_pil_image(samples)):
+            img.save(save_dir / f"{i}.png")
 
-    summary = {
-        "ckpt_path": str(args.ckpt_path),
-        "sample_method": args.sample_method,
-        "ddim_steps": args.ddim_steps,
-        "eta": args.eta,
-        "num_samples": args.num_samples,
-        "seed": args.seed,
-        "seconds": seconds,
-    }
-    atomic_write_text(save_dir / "sampling.json", json.dumps(summary, indent=2))
-    print(f"Saved {args.num_samples} images to {save_dir} ({seconds:.1f} s of sampling)")
+    seconds_per_process = gather_object([seconds])  # waits for every process
+    if state.is_main_process:
+        summary = {
+            "ckpt_path": str(args.ckpt_path),
+            "sample_method": args.sample_method,
+            "ddim_steps": args.ddim_steps,
+            "eta": args.eta,
+            "timestep_spacing": args.timestep_spacing,
+            "num_samples": args.num_samples,
+            "seed": args.seed,
+            "use_ema": args.use_ema,
+            "num_processes": state.num_processes,
+            "seconds": sum(seconds_per_process),
+            "seconds_per_process": seconds_per_process,
+        }
+        atomic_write_text(save_dir / "sampling.json", json.dumps(summary, indent=2))
+        print(f"Saved {args.num_samples} images to {save_dir} ({summary['seconds']:.1f} s of sampling"
+              + (f" over {state.num_processes} processes)" if state.num_processes > 1 else ")"))
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Sample images from a checkpoint written by train.py.")
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint (last.ckpt) written by train.py")
+    parser = ArgumentParser(
+        description="Sample images from a checkpoint written by train.py, or by the course's code (Lab 1).",
+        epilog="--predictor, --mode, --beta_1 and --beta_T are the course's flags. The checkpoint's values "
+               "are used: a flag that contradicts them stops the run; --predictor fills in what a 2025 "
+               "Lab-1 file does not record (default then: noise). Several processes share the images "
+               "under 'accelerate launch --num_processes N sampling.py ...' or 'torchrun --nproc_per_node N "
+               "sampling.py ...', with the images one process writes.")
+    parser.add_argument("--ckpt_path", required=True,
+                        help="checkpoint: last.ckpt written by train.py, or a course (Lab-1) checkpoint")
     parser.add_argument("--save_dir", required=True, help="output folder for {i}.png and sampling.json")
     parser.add_argument("--sample_method", choices=("ddpm", "ddim"), default="ddpm",
                         help="ddpm: all T steps; ddim: --ddim_steps steps with stochasticity --eta")
     parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM steps (1..T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like noise")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
+    parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default="leading",
+                        help="which DDIM steps: leading (the course's: multiples of T//S from 0), linspace "
+                             "(0 to T-1), trailing (from T-1 down), quadratic (dense near 0, the DDIM paper's)")
+    parser.add_argument("--predictor", choices=PREDICTORS, default=None,
+                        help="what the network predicts (course default: noise)")
+    parser.add_argument("--mode", choices=SCHEDULES, default=None, help="beta schedule (course default: linear)")
+    parser.add_argument("--beta_1", type=float, default=None, help="first beta (course default: 1e-4)")
+    parser.add_argument("--beta_T", type=float, default=None, help="last beta (course default: 0.02)")
     parser.add_argument("--num_samples", type=int, default=500, help="number of images to generate")
-    parser.add_argument("--batch_size", type=int, default=64, help="images sampled at once")
-    parser.add_argument("--seed", type=int, default=63, help="random seed (same seed, same images)")
+    parser.add_argument("--batch_size", type=int, default=64, help="images sampled at once (by each process)")
+    parser.add_argument("--seed", type=int, default=63,
+                        help="random seed: image i depends on (seed, i) alone, whatever --batch_size and "
+                             "the number of processes")
     parser.add_argument("--use_cfg", action="store_true",
-                        help="classifier-free guidance with random class labels (needs a --use_cfg checkpoint)")
+                        help="classifier-free guidance with random class labels (needs a --use_cfg checkpoint; "
+                             "without it, a class-conditional checkpoint samples with the null label)")
     parser.add_argument("--cfg_scale", type=float, default=7.5, help="guidance scale w (1 = conditional only)")
-    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (the CPU is used without CUDA)")
+    parser.add_argument("--use_ema", action="store_true",
+                        help="sample with the checkpoint's EMA weights (saved by train.py --ema_decay)")
+    parser.add_argument("--gpu", type=int, default=0,
+                        help="CUDA device index for one process (the CPU is used without CUDA); under "
+                             "accelerate launch or torchrun each process takes its own GPU")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     run(main, parse_args(), (UsageError, CheckpointError))
+    PartialState().destroy_process_group()  # here, not in main: a process may run main more than once

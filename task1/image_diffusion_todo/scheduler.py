@@ -11,19 +11,21 @@ Every step takes the network output for one of three parameterisations (`predict
 All three are turned into a prediction of x_0 (and of eps) first, then into the update.
 
 The arithmetic is written like diffusers' DDPMScheduler / DDIMScheduler (no clipping,
-`set_alpha_to_one=True`, "leading" timestep spacing), so in float32 the two agree bit for bit. Like
-diffusers, float32 loses digits near t = 0 (1 - alpha_bar_t is small there; steps can be off from
-the exact value by ~1e-4): `scheduler.double()` computes every step in float64.
+`set_alpha_to_one=True`), so in float32 the two agree bit for bit. Like diffusers, float32 loses
+digits near t = 0 (1 - alpha_bar_t is small there; steps can be off from the exact value by ~1e-4):
+`scheduler.double()` computes every step in float64.
 """
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 SCHEDULES = ("linear", "quad", "cosine")
 PREDICTORS = ("noise", "x0", "mean")
 SIGMA_TYPES = ("small", "large")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "quadratic")
 
 Timestep = Union[int, torch.Tensor]
 
@@ -36,6 +38,15 @@ def extract(input: torch.Tensor, t: Timestep, x: torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(t, device=input.device).long().reshape(-1)
     out = input.gather(0, t)
     return out.reshape(t.shape[0], *([1] * (x.ndim - 1))).to(x.device)
+
+
+def single_timestep(t: Timestep) -> int:
+    """The timestep of a reverse step as an int. t: int, 0-d tensor, or [B] holding one value
+    (a step moves the whole batch from t to the same earlier timestep)."""
+    values = torch.as_tensor(t).reshape(-1)
+    if values.numel() == 0 or (values != values[0]).any():
+        raise ValueError(f"a reverse step needs one timestep for the whole batch, got {values.tolist()}")
+    return int(values[0])
 
 
 def make_betas(num_train_timesteps: int, beta_1: float, beta_T: float, mode: str) -> torch.Tensor:
@@ -63,6 +74,55 @@ def make_betas(num_train_timesteps: int, beta_1: float, beta_T: float, mode: str
 def check_predictor(predictor: str) -> None:
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
+
+
+def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, timestep_spacing: str = "leading"):
+    """The timesteps DDIM visits, and where the step from each one goes.
+
+    Returns (timesteps, prev_timesteps), two long tensors [S'] (S' = S but for quadratic, below):
+    timesteps = tau_{S'} > ... > tau_1, a sub-sequence of 0..T-1 (DDIM section 4.2); the step from
+    timesteps[i] goes to prev_timesteps[i] = timesteps[i + 1], and from the last one to -1, where
+    alpha_bar is 1: every spacing's last step lands on a clean sample.
+
+      leading    tau_i = i (T // S), i = 0..S-1: the DDIM paper's "linear" sub-sequence
+                 (Appendix D.2), the course's, and diffusers' default. It ends at 0 but starts at
+                 (S - 1)(T // S), short of T - 1 when S does not divide T (S = 600, T = 1000: at 599).
+      linspace   tau_i = round(i (T - 1) / (S - 1)): from 0 to T - 1 (diffusers; Lin et al. 2023,
+                 "Common diffusion noise schedules and sample steps are flawed", Table 2).
+                 diffusers' DDIMScheduler.step goes from t to t - T // S whatever the spacing, which
+                 under linspace is not the next timestep (T = 1000, S = 10: 999 -> 899, while the
+                 sub-sequence goes on at 888; diffusers issue #12633). Here every step goes to the next.
+      trailing   tau_i = round(T - i T / S) - 1: counted back from T - 1, so the first step starts
+                 from (nearly) pure noise (Lin et al. 2023, section 3.3; diffusers). It ends at
+                 round(T / S) - 1, not 0. Computed with numpy's arange as diffusers does, so that
+                 ties at .5 round alike; that arange can return S + 1 points, the last one a hair
+                 above 0, i.e. a timestep -1 (diffusers keeps it: T = 1000, S = 61): the first S are kept.
+      quadratic  tau_i = int((i sqrt(0.8 T) / (S - 1))^2): dense near t = 0; the sub-sequence of the
+                 DDIM paper's CIFAR-10 results (Appendix D.2; the authors' code computes
+                 int(linspace(0, sqrt(0.8 T), S) ** 2)). Rounding down repeats the smallest
+                 timesteps once S > sqrt(0.8 T) + 1 (S >= 30 for T = 1000: 0, 0, 1, 2, 5, ...). A step
+                 from t to t changes nothing (alpha_bar_prev = alpha_bar_t); the authors' code spends
+                 a network call on it, here repeats are dropped: S' < S steps, the same samples.
+
+    leading, linspace and trailing never repeat a timestep for S <= T: before rounding, neighbours
+    are at least 1 apart.
+    """
+    T, S = num_train_timesteps, num_inference_timesteps
+    if not 1 <= S <= T:
+        raise ValueError(f"the number of DDIM steps must be between 1 and T={T}, got {S}")
+    if timestep_spacing == "leading":
+        ascending = np.arange(S) * (T // S)
+    elif timestep_spacing == "linspace":
+        ascending = np.linspace(0, T - 1, S).round()
+    elif timestep_spacing == "trailing":
+        ascending = (np.round(np.arange(T, 0, -T / S))[:S] - 1)[::-1]
+    elif timestep_spacing == "quadratic":
+        ascending = np.unique((np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64))
+    else:
+        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    timesteps = torch.from_numpy(ascending[::-1].astype(np.int64))
+    prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
+    return timesteps, prev_timesteps
 
 
 class BaseScheduler(nn.Module):
@@ -152,7 +212,8 @@ class DDPMScheduler(BaseScheduler):
     """Ancestral sampling x_t -> x_{t-1} ~ N(mu_theta(x_t, t), sigma_t^2 I)  (DDPM Algorithm 2).
 
     sigma_type "small": sigma_t^2 = beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t, the
-    posterior variance; "large": sigma_t^2 = beta_t (DDPM section 3.2).
+    posterior variance; "large": sigma_t^2 = beta_t (DDPM section 3.2). The buffer `sigmas` [T]
+    holds sigma_t (the course's name); each step recomputes its sigma_t in x_t's precision.
     """
 
     def __init__(self, num_train_timesteps: int, beta_1: float, beta_T: float, mode="linear", sigma_type="small"):
@@ -160,50 +221,54 @@ class DDPMScheduler(BaseScheduler):
         if sigma_type not in SIGMA_TYPES:
             raise ValueError(f"unknown sigma_type {sigma_type!r}; choose one of {', '.join(SIGMA_TYPES)}")
         self.sigma_type = sigma_type
+        self.register_buffer("sigmas", self._sigma(self.alphas_cumprod, self.alphas_cumprod_prev))
 
     @property
     def config(self) -> dict:
         return {**super().config, "sigma_type": self.sigma_type}
 
-    def step(self, x_t: torch.Tensor, t: Timestep, net_out: torch.Tensor, predictor: str,
+    def step(self, x_t: torch.Tensor, t: Timestep, net_out: torch.Tensor, predictor: str, *,
              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One reverse step x_t -> x_{t-1}.
 
-        x_t, net_out, noise: [B, C, H, W]; t: int or 0-d tensor (the same t for the whole batch);
+        x_t, net_out, noise: [B, C, H, W]; t: int, 0-d tensor or [B] holding one value;
         noise: the z of Algorithm 2 (drawn here when None; unused at t = 0).
         """
+        t = single_timestep(t)
         if predictor == "noise":
-            return self.step_predict_noise(x_t, t, net_out, noise)
+            return self.step_predict_noise(x_t, t, net_out, noise=noise)
         if predictor == "x0":
-            return self.step_predict_x0(x_t, t, net_out, noise)
+            return self.step_predict_x0(x_t, t, net_out, noise=noise)
         if predictor == "mean":
-            return self.step_predict_mean(x_t, t, net_out, noise)
+            return self.step_predict_mean(x_t, t, net_out, noise=noise)
         check_predictor(predictor)
 
-    def step_predict_noise(self, x_t, t, eps_theta, noise=None):
+    def step_predict_noise(self, x_t, t, eps_theta, *, noise=None):
         """eps_theta -> x_0 (eq. 15) -> posterior mean (eq. 7), i.e. mu_theta of eq. 11."""
         x0_pred = self.predict_x0(x_t, t, eps_theta, "noise")
         return self._sample_prev(x_t, t, self.posterior_mean(x0_pred, x_t, t), noise)
 
-    def step_predict_x0(self, x_t, t, x0_pred, noise=None):
+    def step_predict_x0(self, x_t, t, x0_pred, *, noise=None):
         return self._sample_prev(x_t, t, self.posterior_mean(x0_pred, x_t, t), noise)
 
-    def step_predict_mean(self, x_t, t, mean_theta, noise=None):
+    def step_predict_mean(self, x_t, t, mean_theta, *, noise=None):
         return self._sample_prev(x_t, t, mean_theta, noise)
 
-    def sigma(self, t: Timestep, x: torch.Tensor) -> torch.Tensor:
-        """sigma_t, shaped to broadcast against x; computed in x's precision from alpha_bar."""
-        alpha_bar_t = extract(self.alphas_cumprod, t, x)
-        alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x)
+    def _sigma(self, alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+        """sigma_t from alpha_bar_t and alpha_bar_{t-1}, in their precision."""
         beta_t = 1 - alpha_bar_t / alpha_bar_prev
         if self.sigma_type == "large":
             return beta_t**0.5
         # beta~_t; clamped as diffusers does (beta~ = 0 at t = 0, where no noise is added anyway)
         return ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t).clamp(min=1e-20) ** 0.5
 
+    def sigma(self, t: Timestep, x: torch.Tensor) -> torch.Tensor:
+        """sigma_t, shaped to broadcast against x; computed in x's precision from alpha_bar."""
+        return self._sigma(extract(self.alphas_cumprod, t, x), extract(self.alphas_cumprod_prev, t, x))
+
     def _sample_prev(self, x_t, t, mean, noise):
         """x_{t-1} = mean + sigma_t z, with z = 0 at the last step (Algorithm 2, line 3)."""
-        if int(t) == 0:
+        if single_timestep(t) == 0:
             return mean
         if noise is None:
             noise = torch.randn_like(x_t)
@@ -213,36 +278,48 @@ class DDPMScheduler(BaseScheduler):
 class DDIMScheduler(BaseScheduler):
     """DDIM sampling on S of the T training timesteps, with stochasticity eta (DDIM eq. 12, 16).
 
-    Timesteps use "leading" spacing: ratio = T // S, timesteps = ratio * (S-1), ..., ratio, 0, and
-    the step from t goes to t - ratio; below 0, alpha_bar is taken as 1 (a clean image).
-    eta = 0 is deterministic DDIM, eta = 1 with S = T is DDPM with the posterior variance.
+    The sub-sequence follows `timestep_spacing` (see ddim_sub_sequence): "leading" (the course's:
+    T//S * (S-1), ..., T//S, 0), "linspace", "trailing" or "quadratic" (the DDIM paper's CIFAR-10
+    choice). Each step goes to the next timestep of the sub-sequence; the last one to a clean image.
+    eta = 0 is deterministic DDIM, eta = 1 with S = T is DDPM with the posterior variance; eta > 1
+    would make 1 - alpha_bar_prev - sigma_t^2 negative (NaN images), so eta must lie in [0, 1].
     """
 
     def __init__(self, num_train_timesteps: int, beta_1: float, beta_T: float, mode: str = "linear",
-                 num_inference_timesteps: int = 50, eta: float = 0.0):
+                 num_inference_timesteps: int = 50, eta: float = 0.0, *, timestep_spacing: str = "leading"):
         super().__init__(num_train_timesteps, beta_1, beta_T, mode)
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
         self.eta = float(eta)
+        self.timestep_spacing = timestep_spacing
         self.set_inference_timesteps(num_inference_timesteps)
 
     def set_inference_timesteps(self, num_inference_timesteps: int):
-        """Use S = num_inference_timesteps steps (1 <= S <= T); sets `timesteps` ([S], descending)."""
-        S, T = num_inference_timesteps, self.num_train_timesteps
-        if not 1 <= S <= T:
-            raise ValueError(f"the number of DDIM steps must be between 1 and T={T}, got {S}")
-        self.num_inference_timesteps = S
-        self._ddim_step_ratio = T // S
-        self.timesteps = torch.arange(S - 1, -1, -1, dtype=torch.long) * self._ddim_step_ratio
+        """Use S = num_inference_timesteps steps (1 <= S <= T); sets `timesteps` ([S'], descending;
+        S' < S only where quadratic spacing repeats a timestep) and `prev_timesteps`."""
+        self.timesteps, self.prev_timesteps = ddim_sub_sequence(
+            self.num_train_timesteps, num_inference_timesteps, self.timestep_spacing)
+        self.num_inference_timesteps = num_inference_timesteps
 
-    def step(self, x_t: torch.Tensor, t: Timestep, net_out: torch.Tensor, predictor: str,
+    def previous_timestep(self, t: int) -> int:
+        """Where the step from t goes: the next timestep of the sub-sequence, -1 after the last."""
+        index = (self.timesteps == t).nonzero()
+        if len(index) == 0:
+            raise ValueError(f"t = {t} is not one of the DDIM timesteps ({self.timestep_spacing} spacing, "
+                             f"S = {self.num_inference_timesteps}): {self.timesteps.tolist()}")
+        return int(self.prev_timesteps[index[0, 0]])
+
+    def step(self, x_t: torch.Tensor, t: Timestep, net_out: torch.Tensor, predictor: str, *,
              noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One DDIM step x_t -> x_{t_prev}, t_prev = t - T // S.
+        """One DDIM step x_t -> x_{t_prev}, t_prev = the next timestep of the sub-sequence.
 
-        x_t, net_out, noise: [B, C, H, W]; t: int or 0-d tensor, one of `self.timesteps`;
-        noise: the eps_t of eq. 12 (drawn here when None and eta > 0).
+        x_t, net_out, noise: [B, C, H, W]; t: one of `self.timesteps` (int, 0-d tensor or [B]
+        holding one value); noise: the eps_t of eq. 12 (drawn here when None and eta > 0).
         """
-        t_prev = int(t) - self._ddim_step_ratio
+        t = single_timestep(t)
+        t_prev = self.previous_timestep(t)
         alpha_bar_t = extract(self.alphas_cumprod, t, x_t)
         alpha_bar_prev = extract(self.alphas_cumprod, t_prev, x_t) if t_prev >= 0 else torch.ones_like(alpha_bar_t)
 
@@ -265,11 +342,13 @@ class DDIMScheduler(BaseScheduler):
         return x_prev
 
 
-def build_scheduler(config: dict, sample_method: str = "ddpm", ddim_steps: int = 50, eta: float = 0.0) -> BaseScheduler:
+def build_scheduler(config: dict, sample_method: str = "ddpm", ddim_steps: int = 50, eta: float = 0.0, *,
+                    timestep_spacing: str = "leading") -> BaseScheduler:
     """A DDPM or DDIM sampler on the noise schedule described by `config` (a scheduler's .config)."""
     schedule = {key: config[key] for key in ("num_train_timesteps", "beta_1", "beta_T", "mode")}
     if sample_method == "ddpm":
         return DDPMScheduler(**schedule, sigma_type=config.get("sigma_type", "small"))
     if sample_method == "ddim":
-        return DDIMScheduler(**schedule, num_inference_timesteps=ddim_steps, eta=eta)
+        return DDIMScheduler(**schedule, num_inference_timesteps=ddim_steps, eta=eta,
+                             timestep_spacing=timestep_spacing)
     raise ValueError(f"unknown sample method {sample_method!r}; choose ddpm or ddim")

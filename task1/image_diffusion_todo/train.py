@@ -1,14 +1,29 @@
-"""Train a DDPM on AFHQ (or any folder in AFHQ's layout).
+"""Train a DDPM on AFHQ (or any folder in AFHQ's layout), on one device or several.
 
     python train.py                                   # the course run: 64x64, 100k steps
     python train.py --save_dir results/run1 --resume  # continue from results/run1/last.ckpt
     python train.py --image_resolution 32 --ch 32 --ch_mult 1 2 2 --num_res_blocks 1 \\
         --sample_method ddim --train_num_steps 2000   # a small model that trains on a CPU
+    accelerate launch --multi_gpu --num_processes 4 train.py --mixed_precision bf16 --ema_decay 0.9999
+    torchrun --nproc_per_node 4 train.py ...          # the same without accelerate's launcher
 
-Every --log_interval steps (and at the last step) it writes SAVE_DIR/loss.png, a grid of samples
-SAVE_DIR/samples_step<N>.png and SAVE_DIR/last.ckpt (atomically: config + tensors only).
+Several processes (`accelerate launch`, `torchrun`) train one model data-parallel through accelerate:
+--batch_size is the global batch of one optimizer step, as in the course, split evenly over the
+processes (and over --gradient_accumulation_steps micro-batches), so the run follows the same recipe
+on any number of GPUs. The main process alone logs, plots and writes files; the others wait.
+
+Outputs in SAVE_DIR: config.json; at step 0 and every --log_interval steps (and at the last step)
+samples_step<N>.png (a grid of samples) and trajectory_step<N>.png (x_T ... x_0 of the first
+sample, as the course's train.py draws), then from step 1 on loss.png and last.ckpt (atomically:
+config + tensors only). last.ckpt holds "state_dict" (the trained weights), with --ema_decay also
+"ema_state_dict" (their exponential moving average, same keys), and "train_state": what --resume
+needs to continue exactly where the run stopped (optimizer, learning-rate schedule, the losses,
+the run's flags and every process's random generators).
 """
+import copy
+import itertools
 import json
+import os
 import random
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +32,10 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from cli import ArgumentParser, UsageError, pick_device, run
-from dataset import DEFAULT_ROOT, AFHQDataModule, DatasetError, download_afhq, get_data_iterator
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from cli import ArgumentParser, UsageError, atomic_write_text, pick_device, run
+from dataset import DEFAULT_ROOT, AFHQDataModule, DatasetError, download_afhq
 from model import CheckpointError, DiffusionModule, load_checkpoint
 from network import UNet
 from scheduler import PREDICTORS, SCHEDULES, DDPMScheduler, build_scheduler
@@ -29,6 +46,11 @@ matplotlib.use("Agg")
 
 NUM_GRID_SAMPLES = 4
 GRID_DDIM_STEPS = 50
+TRAJECTORY_FRAMES = 10
+# Flags a --resume may change. Every other flag is the run's recipe (model, noise schedule, data,
+# optimisation, seed): on --resume the checkpoint's value wins, and a note names what differed.
+RESUME_MAY_CHANGE = ("train_num_steps", "log_interval", "sample_method", "data_root", "save_dir", "resume", "gpu",
+                     "num_workers", "mixed_precision", "gradient_accumulation_steps")
 
 
 def get_current_time():
@@ -37,7 +59,7 @@ def get_current_time():
 
 def check_args(args):
     positive = ["batch_size", "log_interval", "num_diffusion_train_timesteps", "image_resolution", "ch",
-                "num_res_blocks", "warmup_steps"]
+                "num_res_blocks", "warmup_steps", "gradient_accumulation_steps"]
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -56,6 +78,48 @@ def check_args(args):
                          f"2^(len(--ch_mult) - 1) = {2 ** (len(args.ch_mult) - 1)}")
     if any(not 0 <= level < len(args.ch_mult) for level in args.attn):
         raise UsageError(f"--attn levels {args.attn} must index --ch_mult (0..{len(args.ch_mult) - 1})")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        raise UsageError(f"--ema_decay must be in (0, 1), got {args.ema_decay}")
+    # as in Task 2: no flag means what `accelerate launch --mixed_precision` says, else no
+    args.mixed_precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on a CPU")
+
+
+def make_accelerator(args) -> Accelerator:
+    """One process (python train.py) or one per device (accelerate launch, torchrun), with mixed
+    precision and gradient accumulation as the flags say. Without CUDA every process uses the CPU."""
+    cuda = torch.cuda.is_available()
+    if cuda and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        torch.cuda.set_device(pick_device(args.gpu))
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if accelerator.num_processes > 1 and args.gpu != 0:
+        raise UsageError("--gpu picks the GPU of a single process; with several processes each uses its own "
+                         "(choose them with CUDA_VISIBLE_DEVICES)")
+    return accelerator
+
+
+def micro_batch_size(args, num_processes) -> int:
+    """Images per process and micro-batch: the global --batch_size split evenly."""
+    shares = num_processes * args.gradient_accumulation_steps
+    if args.batch_size % shares:
+        raise UsageError(f"--batch_size {args.batch_size} (the global batch) must be divisible by the number of "
+                         f"processes x --gradient_accumulation_steps = {num_processes} x "
+                         f"{args.gradient_accumulation_steps}")
+    return args.batch_size // shares
+
+
+def take_recipe_from_checkpoint(args, saved_flags: dict) -> list:
+    """Set every recipe flag (see RESUME_MAY_CHANGE) to the checkpoint's value; returns the notes
+    ("--lr 0.001 (this command said 0.0002)") for those that differed."""
+    notes = []
+    for name, saved in saved_flags.items():
+        if name in RESUME_MAY_CHANGE or not hasattr(args, name) or getattr(args, name) == saved:
+            continue
+        notes.append(f"--{name} {saved} (this command said {getattr(args, name)})")
+        setattr(args, name, saved)
+    return notes
 
 
 def build_model(args, num_classes) -> DiffusionModule:
@@ -76,6 +140,64 @@ def build_model(args, num_classes) -> DiffusionModule:
     return DiffusionModule(network, var_scheduler, predictor=args.predictor)
 
 
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """The image indices one process trains on, batch after batch, without end.
+
+    The dataset is shuffled once per epoch by a generator of its own (seeded with `seed`), the
+    epochs are laid end to end, and the stream is cut into global batches of `global_batch` images,
+    one per optimizer step. Each global batch is cut into num_processes x accumulation_steps equal
+    slices; process p takes slice a * num_processes + p at micro-step a. So the images of a step do
+    not depend on the number of processes, and a run resumed at step s (start_step=s) gets exactly
+    the batches the uninterrupted run would have got.
+    """
+
+    def __init__(self, num_images, global_batch, num_processes, process_index, accumulation_steps, seed,
+                 start_step=0):
+        self.num_images, self.global_batch, self.seed, self.start_step = num_images, global_batch, seed, start_step
+        self.slice_size = global_batch // (num_processes * accumulation_steps)
+        self.slices = [a * num_processes + process_index for a in range(accumulation_steps)]
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        epoch, order = -1, []
+        for step in itertools.count(self.start_step):
+            for slice_index in self.slices:
+                first = step * self.global_batch + slice_index * self.slice_size
+                batch = []
+                for position in range(first, first + self.slice_size):
+                    while position // self.num_images > epoch:  # positions only grow: draw the next epoch's order
+                        epoch, order = epoch + 1, torch.randperm(self.num_images, generator=generator).tolist()
+                    batch.append(order[position % self.num_images])
+                yield batch
+
+
+@torch.no_grad()
+def update_ema(ema_network, network, decay):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, parameter by parameter (the UNet has no buffers)."""
+    for ema_parameter, parameter in zip(ema_network.parameters(), network.parameters()):
+        ema_parameter.lerp_(parameter, 1 - decay)
+
+
+def rng_state() -> dict:
+    """This process's random generators, as tensors and plain values (they load with weights_only=True)."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate(state["python"])
+
+
 def save_loss_plot(losses, path):
     plt.figure(figsize=(6, 4))
     plt.plot(np.arange(1, len(losses) + 1), losses, linewidth=0.5)
@@ -87,54 +209,67 @@ def save_loss_plot(losses, path):
     plt.close()
 
 
-def save_sample_grid(ddpm: DiffusionModule, args, num_classes, step, save_dir):
-    """Sample NUM_GRID_SAMPLES images (the same x_T every time, so grids show progress) and save a grid."""
-    ddpm.eval()
-    ddpm_scheduler = ddpm.var_scheduler
+def save_samples(network, ddpm: DiffusionModule, args, num_classes, step, save_dir):
+    """Sample NUM_GRID_SAMPLES images with `network` (the same x_T every time, so the figures show
+    progress): a grid of them, and a strip of TRAJECTORY_FRAMES moments x_T ... x_0 of the first."""
+    var_scheduler = ddpm.var_scheduler
     if args.sample_method == "ddim":
-        ddim_steps = min(GRID_DDIM_STEPS, ddpm_scheduler.num_train_timesteps)
-        ddpm.var_scheduler = build_scheduler(ddpm_scheduler.config, "ddim", ddim_steps).to(ddpm.device)
-    generator = torch.Generator(ddpm.device).manual_seed(args.seed)
+        ddim_steps = min(GRID_DDIM_STEPS, var_scheduler.num_train_timesteps)
+        var_scheduler = build_scheduler(var_scheduler.config, "ddim", ddim_steps).to(ddpm.device)
+    sampler = DiffusionModule(network, var_scheduler, predictor=ddpm.predictor)
+    generator = torch.Generator(sampler.device).manual_seed(args.seed)
     class_label = None
-    if ddpm.network.use_cfg:
-        class_label = torch.arange(NUM_GRID_SAMPLES, device=ddpm.device) % num_classes + 1
-    samples = ddpm.sample(NUM_GRID_SAMPLES, class_label=class_label, generator=generator)
-    ddpm.var_scheduler = ddpm_scheduler
-    ddpm.train()
-    grid = make_grid((samples * 0.5 + 0.5).clamp(0, 1), nrow=NUM_GRID_SAMPLES)
-    save_image(grid, save_dir / f"samples_step{step:07d}.png")
+    if network.use_cfg:
+        class_label = torch.arange(NUM_GRID_SAMPLES, device=sampler.device) % num_classes + 1
+    network.eval()
+    trajectory = sampler.sample(NUM_GRID_SAMPLES, return_traj=True, class_label=class_label, generator=generator)
+    network.train()
+
+    def to_unit(images):
+        return (images.cpu() * 0.5 + 0.5).clamp(0, 1)
+
+    save_image(make_grid(to_unit(trajectory[-1]), nrow=NUM_GRID_SAMPLES), save_dir / f"samples_step{step:07d}.png")
+    frames = np.linspace(0, len(trajectory) - 1, TRAJECTORY_FRAMES).round().astype(int)
+    strip = torch.stack([to_unit(trajectory[i][0]) for i in frames])
+    save_image(make_grid(strip, nrow=TRAJECTORY_FRAMES), save_dir / f"trajectory_step{step:07d}.png")
 
 
 def main(args):
     check_args(args)
-    device = pick_device(args.gpu)
     save_dir = Path(args.save_dir or f"results/diffusion-{get_current_time()}")
     ckpt_path = save_dir / "last.ckpt"
 
     # check everything that can fail before writing anything
-    checkpoint = None
+    checkpoint, notes = None, []
     if args.resume:
         if args.save_dir is None:
             raise UsageError("--resume needs --save_dir (the folder holding last.ckpt)")
         checkpoint = load_checkpoint(ckpt_path)
         if "train_state" not in checkpoint:
             raise CheckpointError(f"{ckpt_path} has no training state to resume from")
+        notes = take_recipe_from_checkpoint(args, checkpoint["train_state"].get("flags", {}))
     elif ckpt_path.exists():
         raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --save_dir")
 
-    if not Path(args.data_root).exists() and args.data_root == DEFAULT_ROOT:
-        print(f"{args.data_root} does not exist: downloading AFHQ")
-        download_afhq(args.data_root)
-    if not Path(args.data_root).is_dir():
-        raise DatasetError(f"data folder not found: {args.data_root}")
-    ds_module = AFHQDataModule(args.data_root, batch_size=args.batch_size, num_workers=args.num_workers,
-                               max_num_images_per_cat=args.max_num_images_per_cat,
-                               image_resolution=args.image_resolution)
+    accelerator = make_accelerator(args)
+    num_processes, device = accelerator.num_processes, accelerator.device
+    per_process_batch = micro_batch_size(args, num_processes)
+    if notes:
+        accelerator.print(f"note: --resume keeps the checkpoint's {', '.join(notes)}")
+
+    with accelerator.main_process_first():  # the main process downloads AFHQ if needed; the others then read it
+        if not Path(args.data_root).exists() and args.data_root == DEFAULT_ROOT:
+            print(f"{args.data_root} does not exist: downloading AFHQ")
+            download_afhq(args.data_root)
+        if not Path(args.data_root).is_dir():
+            raise DatasetError(f"data folder not found: {args.data_root}")
+        ds_module = AFHQDataModule(batch_size=args.batch_size, num_workers=args.num_workers,
+                                   max_num_images_per_cat=args.max_num_images_per_cat,
+                                   image_resolution=args.image_resolution, afhq_root=args.data_root)
     num_classes = ds_module.num_classes
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # process p draws its timesteps, noise and dropout from seed + p (process 0: the seed itself)
+    set_seed(args.seed, device_specific=True)
 
     if checkpoint is not None:
         ddpm = DiffusionModule(None, None)
@@ -148,8 +283,10 @@ def main(args):
     else:
         ddpm = build_model(args, num_classes)
     ddpm = ddpm.to(device).train()
+    network = ddpm.network
+    ema_network = copy.deepcopy(network).requires_grad_(False) if args.ema_decay else None
 
-    optimizer = torch.optim.Adam(ddpm.network.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
     # linear warm-up of the learning rate over warmup_steps, then constant
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda t: min((t + 1) / args.warmup_steps, 1.0))
     step, losses = 0, []
@@ -158,50 +295,108 @@ def main(args):
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         step, losses = state["step"], state["losses"].tolist()
-        torch.set_rng_state(state["torch_rng"])
 
-    save_dir.mkdir(parents=True, exist_ok=True)
-    print(f"save_dir: {save_dir}" + (f" (resuming at step {step})" if checkpoint is not None else ""))
-    if checkpoint is None:
-        with open(save_dir / "config.json", "w") as f:
-            json.dump({**vars(args), "save_dir": str(save_dir), "model": ddpm.config}, f, indent=2)
+    # DDP (several processes: gradients averaged over them at each step) and autocast (mixed
+    # precision). `network` stays the plain UNet: saved, sampled and averaged into the EMA.
+    model, optimizer = accelerator.prepare(network, optimizer)
+    ddpm_for_loss = DiffusionModule(model, ddpm.var_scheduler, predictor=ddpm.predictor)
+    if accelerator.scaler is not None and checkpoint is not None and "grad_scaler" in checkpoint["train_state"]:
+        accelerator.scaler.load_state_dict(checkpoint["train_state"]["grad_scaler"])
+    if ema_network is not None:
+        # the checkpoint's average, or the weights DDP has just copied from process 0 to all
+        saved_ema = checkpoint.get("ema_state_dict") if checkpoint is not None else None
+        ema_network.load_state_dict(saved_ema if saved_ema is not None else network.state_dict())
 
-    train_it = get_data_iterator(ds_module.train_dataloader())
-    with tqdm(initial=step, total=args.train_num_steps) as pbar:
+    sampler = GlobalBatchSampler(len(ds_module.train_ds), args.batch_size, num_processes, accelerator.process_index,
+                                 args.gradient_accumulation_steps, args.seed, start_step=step)
+    # the loader's own generator seeds its workers, so data loading leaves the global generators alone
+    loader = torch.utils.data.DataLoader(ds_module.train_ds, batch_sampler=sampler, num_workers=args.num_workers,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    batches = iter(loader)
+
+    if checkpoint is not None:
+        rng_states = checkpoint["train_state"].get("rng_states", [])
+        if len(rng_states) == num_processes:
+            set_rng_state(rng_states[accelerator.process_index])
+        else:
+            accelerator.print(f"note: the checkpoint holds the random generators of {len(rng_states)} process(es), "
+                              f"this run has {num_processes}: they start afresh from --seed + step")
+            set_seed(args.seed + step, device_specific=True)
+
+    accelerator.print(f"{num_processes} process{'es' if num_processes > 1 else ''}, global batch {args.batch_size} = "
+                      f"{args.batch_size // num_processes} per process"
+                      + (f" in {args.gradient_accumulation_steps} micro-batches of {per_process_batch}"
+                         if args.gradient_accumulation_steps > 1 else "")
+                      + (f", mixed precision {args.mixed_precision}" if args.mixed_precision != "no" else "")
+                      + (f", EMA decay {args.ema_decay}" if args.ema_decay else ""))
+    if accelerator.is_main_process:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        print(f"save_dir: {save_dir}" + (f" (resuming at step {step})" if checkpoint is not None else ""))
+        if checkpoint is None:
+            config = {**vars(args), "save_dir": str(save_dir), "num_processes": num_processes, "model": ddpm.config}
+            atomic_write_text(save_dir / "config.json", json.dumps(config, indent=2))
+            save_samples(ema_network or network, ddpm, args, num_classes, 0, save_dir)
+    accelerator.wait_for_everyone()
+
+    with tqdm(initial=step, total=args.train_num_steps, disable=not accelerator.is_main_process) as pbar:
         while step < args.train_num_steps:
-            img, label = next(train_it)
-            img, label = img.to(device), label.to(device)
-            loss = ddpm.get_loss(img, class_label=label if ddpm.network.use_cfg else None)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step_loss = 0.0
+            for _ in range(args.gradient_accumulation_steps):
+                img, label = next(batches)
+                img, label = img.to(device), label.to(device)
+                with accelerator.accumulate(model):
+                    loss = ddpm_for_loss.get_loss(img, class_label=label if network.use_cfg else None)
+                    accelerator.backward(loss)  # divides by the accumulation steps; all-reduces on the last one
+                    optimizer.step()  # acts on the last micro-batch only (accelerate skips the others)
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss = step_loss + loss.detach() / args.gradient_accumulation_steps
             lr_scheduler.step()
-            losses.append(loss.item())
+            if ema_network is not None:
+                update_ema(ema_network, network, args.ema_decay)
+            losses.append(accelerator.reduce(step_loss, "mean").item())  # the mean over all processes
             step += 1
             pbar.set_description(f"loss {losses[-1]:.4f}")
             pbar.update(1)
 
             if step % args.log_interval == 0 or step == args.train_num_steps:
-                save_loss_plot(losses, save_dir / "loss.png")
-                save_sample_grid(ddpm, args, num_classes, step, save_dir)
-                train_state = {
-                    "step": step,
-                    "losses": torch.tensor(losses),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                }
-                ddpm.save(ckpt_path, extra={"train_state": train_state})
+                rng_states = gather_object([rng_state()])  # every process's, in process order
+                if accelerator.is_main_process:
+                    save_loss_plot(losses, save_dir / "loss.png")
+                    save_samples(ema_network or network, ddpm, args, num_classes, step, save_dir)
+                    train_state = {
+                        "step": step,
+                        "losses": torch.tensor(losses),
+                        "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(),
+                        "rng_states": rng_states,
+                        "flags": {name: value for name, value in vars(args).items() if name not in RESUME_MAY_CHANGE},
+                    }
+                    if accelerator.scaler is not None:
+                        train_state["grad_scaler"] = accelerator.scaler.state_dict()
+                    extra = {"train_state": train_state}
+                    if ema_network is not None:
+                        extra["ema_state_dict"] = ema_network.state_dict()
+                    ddpm.save(ckpt_path, extra=extra)
+                accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Train a DDPM on AFHQ (or any folder in AFHQ's layout).")
-    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (the CPU is used without CUDA)")
-    parser.add_argument("--batch_size", type=int, default=16, help="images per training step")
-    parser.add_argument("--train_num_steps", type=int, default=100000, help="total number of training steps")
+    may_change = ", ".join("--" + name for name in RESUME_MAY_CHANGE if name not in ("save_dir", "resume"))
+    parser = ArgumentParser(description="Train a DDPM on AFHQ (or any folder in AFHQ's layout), on one device or, "
+                                        "under `accelerate launch` / `torchrun`, data-parallel on several.")
+    parser.add_argument("--gpu", type=int, default=0,
+                        help="CUDA device index of a single-process run (the CPU is used without CUDA); under "
+                             "accelerate launch / torchrun each process uses its own GPU")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="images per optimizer step, over all processes (the global batch, as in the course): "
+                             "each process takes batch_size / (processes x gradient_accumulation_steps) per "
+                             "micro-batch, which must divide evenly")
+    parser.add_argument("--train_num_steps", type=int, default=100000, help="total number of optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     parser.add_argument("--log_interval", type=int, default=200,
-                        help="every this many steps: loss plot, sample grid and last.ckpt")
+                        help="at step 0 and every this many steps: sample grid and trajectory strip; "
+                             "from step 1 on also the loss plot and last.ckpt")
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     parser.add_argument("--max_num_images_per_cat", type=int, default=3000,
                         help="max number of training images per class (-1 = all)")
@@ -212,7 +407,8 @@ def parse_args(argv=None):
     parser.add_argument("--mode", choices=SCHEDULES, default="linear", help="beta schedule")
     parser.add_argument("--predictor", choices=PREDICTORS, default="noise",
                         help="what the network predicts: the noise, x_0, or the posterior mean")
-    parser.add_argument("--seed", type=int, default=63, help="random seed")
+    parser.add_argument("--seed", type=int, default=63,
+                        help="random seed (the data order; process p draws its noise from seed + p)")
     parser.add_argument("--image_resolution", type=int, default=64, help="training image size in pixels")
     parser.add_argument("--sample_method", choices=("ddpm", "ddim"), default="ddpm",
                         help=f"sampler for the periodic sample grid (ddim: {GRID_DDIM_STEPS} steps, eta 0)")
@@ -224,14 +420,30 @@ def parse_args(argv=None):
                              f"(AFHQ is downloaded when the default {DEFAULT_ROOT} is missing)")
     parser.add_argument("--save_dir", default=None, help="output folder (default: results/diffusion-<timestamp>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue training from SAVE_DIR/last.ckpt (model and noise schedule come from it)")
+                        help="continue training from SAVE_DIR/last.ckpt exactly where it stopped (weights, "
+                             "optimizer, data order, random generators). The run keeps the checkpoint's recipe: a "
+                             "flag whose value differs from the checkpoint's is replaced by it, with a printed note "
+                             f"naming both; only {may_change} may change")
     parser.add_argument("--ch", type=int, default=128, help="UNet base channels")
     parser.add_argument("--ch_mult", type=int, nargs="+", default=[1, 2, 2, 2],
                         help="UNet channel multiplier per resolution level")
     parser.add_argument("--attn", type=int, nargs="*", default=[1], help="UNet levels with self-attention")
     parser.add_argument("--num_res_blocks", type=int, default=4, help="UNet residual blocks per level")
     parser.add_argument("--dropout", type=float, default=0.1, help="UNet dropout")
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes (per process)")
+
+    extra = parser.add_argument_group("beyond the course (GPU speed, several GPUs)")
+    extra.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="autocast the UNet's forward pass (fp16 needs CUDA and scales the loss); weights and "
+                            "optimizer stay float32. Default: what `accelerate launch --mixed_precision` says, else "
+                            "no (the course's)")
+    extra.add_argument("--ema_decay", type=float, default=None,
+                       help="also keep an exponential moving average of the weights with this decay (e.g. 0.9999), "
+                            "saved in last.ckpt as \"ema_state_dict\" and used for the sample figures; "
+                            "off by default (the course has none)")
+    extra.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="split each process's share of the global batch into this many micro-batches whose "
+                            "gradients are summed before the optimizer step (less memory, same recipe)")
     return parser.parse_args(argv)
 
 

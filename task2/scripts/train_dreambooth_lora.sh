@@ -7,19 +7,17 @@
 #   sh scripts/train_dreambooth_lora.sh --with_prior_preservation --class_prompt="a photo of a cat"
 #
 # Environment overrides: MODEL_NAME, INSTANCE_DIR, CLASS_DIR (class images for --with_prior_preservation;
-# missing ones are generated there), OUTPUT_DIR, MIXED_PRECISION (no | fp16 | bf16).
-# Extra flags go to train_dreambooth_lora.py and win over the ones below.
+# missing ones are generated there), OUTPUT_DIR, and MIXED_PRECISION, NUM_PROCESSES, MAIN_PROCESS_PORT
+# (see launch.sh). Extra flags go to train_dreambooth_lora.py and win over the ones below.
 set -eu
-TASK2_DIR=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/launch.sh"
 
 MODEL_NAME=${MODEL_NAME:-CompVis/stable-diffusion-v1-4}
 INSTANCE_DIR=${INSTANCE_DIR:-$TASK2_DIR/sample_data/dreambooth-cat}
 CLASS_DIR=${CLASS_DIR:-$TASK2_DIR/runs/class_images_cat}
 OUTPUT_DIR=${OUTPUT_DIR:-$TASK2_DIR/runs/dreambooth_cat}
-MIXED_PRECISION=${MIXED_PRECISION:-no}
 
-accelerate launch --quiet --num_processes=1 --num_machines=1 --dynamo_backend=no \
-  --mixed_precision="$MIXED_PRECISION" "$TASK2_DIR/train_dreambooth_lora.py" \
+launch train_dreambooth_lora.py \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --instance_data_dir="$INSTANCE_DIR" \
   --class_data_dir="$CLASS_DIR" \

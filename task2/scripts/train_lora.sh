@@ -3,20 +3,18 @@
 #
 #   cd task2 && sh scripts/train_lora.sh                       # the course's run (GPU, internet)
 #   sh scripts/train_lora.sh --max_train_steps=200 --rank=8    # extra flags go to train_lora.py and win
+#   NUM_PROCESSES=2 sh scripts/train_lora.sh                   # on 2 GPUs
 #
 # Environment overrides: MODEL_NAME, DATASET_NAME (a hub name or a local dataset folder), OUTPUT_DIR,
-# MIXED_PRECISION (no | fp16 | bf16; fp16 needs a CUDA GPU).
+# and MIXED_PRECISION, NUM_PROCESSES, MAIN_PROCESS_PORT (see launch.sh).
 set -eu
-TASK2_DIR=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/launch.sh"
 
 MODEL_NAME=${MODEL_NAME:-CompVis/stable-diffusion-v1-4}
 DATASET_NAME=${DATASET_NAME:-lambdalabs/naruto-blip-captions}
 OUTPUT_DIR=${OUTPUT_DIR:-$TASK2_DIR/runs/sd-naruto-model-lora}
-MIXED_PRECISION=${MIXED_PRECISION:-no}
 
-# Explicit launcher flags: no `accelerate config` file is needed and no question is asked.
-accelerate launch --quiet --num_processes=1 --num_machines=1 --dynamo_backend=no \
-  --mixed_precision="$MIXED_PRECISION" "$TASK2_DIR/train_lora.py" \
+launch train_lora.py \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --output_dir="$OUTPUT_DIR" \
   --dataset_name="$DATASET_NAME" \
