@@ -395,15 +395,6 @@ def train_classifier():
     return load_module(TASK1_IMAGE, "experiments.train_classifier")
 
 
-@pytest.fixture
-def one_thread():
-    """Train in this process on one thread (2 threads ran ~10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_train_classifier_writes_a_checkpoint_measure_fid_loads(train_classifier, standin, tmp_path,
                                                                  inception, measure_fid, one_thread):
     out = tmp_path / "classifier.ckpt"

@@ -140,61 +140,72 @@ def test_a_second_run_reuses_the_finished_stages(quick):
     assert again["ddim"] == results["ddim"] and again["ddpm"] == results["ddpm"]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--etas", "0", "1.5"], "--etas must lie in [0, 1]"),
+    (["--num_samples", "2"], "--num_samples and --num_gt must be at least 3"),
+    (["--extra_spacings", "leading"], "repeats the main --timestep_spacing"),
+])
+def test_fid_grid_refuses_bad_flags_before_any_work(flags, message, tmp_path):
+    fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
+    args = fid_grid.build_parser().parse_args(
+        ["--ckpt_path", str(tmp_path / "none.ckpt"), "--gt_dir", "x", "--out", str(tmp_path / "out"), *flags])
+    with pytest.raises(fid_grid.UsageError, match=re.escape(message)):
+        fid_grid.check_args(args)
+    assert not (tmp_path / "out").exists()
+
+
 def png_bytes(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
 
 
 def test_grid_samples_are_fresh(quick, tmp_path, capsys):
-    """Samples are reused only for the same checkpoint content and settings in a folder that
-    holds nothing else: a copy of the checkpoint elsewhere reuses them, a stray file or the
-    same checkpoint rewritten in place re-samples, and fewer samples leave exactly that many."""
+    """The grid's sample cache (fid_grid.sample with checkpoint_identity, what run_grid calls per
+    setting): a copy of the checkpoint elsewhere reuses the samples (same content); a stray file
+    in the folder, or the checkpoint rewritten in place, draws them again from an empty folder;
+    fewer samples leave exactly that many."""
     fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
     out, results, _ = quick
     ckpt = tmp_path / "moved" / "last.ckpt"
     ckpt.parent.mkdir()
     shutil.copy(out / "unet" / "last.ckpt", ckpt)
-    grid_out = tmp_path / "grid"
-    ddpm, ddim = "ddpm", f"ddim_steps{results['steps'][0]}_eta0"
-    for name in (ddpm, ddim):
-        shutil.copytree(out / "samples" / name, grid_out / "samples" / name)
-    old = {name: png_bytes(grid_out / "samples" / name) for name in (ddpm, ddim)}
-    (grid_out / "samples" / ddim / "notes.txt").write_text("not a sample")
+    ddpm = fid_grid.Setting("ddpm", results["T"])
+    ddim = fid_grid.Setting("ddim", results["steps"][0], 0.0, "leading")
+    for setting in (ddpm, ddim):
+        shutil.copytree(out / "samples" / setting.name, tmp_path / setting.name)
+    old = {setting: png_bytes(tmp_path / setting.name) for setting in (ddpm, ddim)}
+    (tmp_path / ddim.name / "notes.txt").write_text("not a sample")
 
-    def grid(num_samples):
-        grid_settings = results["config"]["grid"]
+    def sample(num_samples):
+        """Both settings as the quick run sampled them, but from ckpt -> the ones sampled now."""
         args = fid_grid.build_parser().parse_args([
-            "--ckpt_path", str(ckpt), "--gt_dir", str(out / "data" / "val"), "--out", str(grid_out),
-            "--num_gt", str(results["num_gt"]), "--num_samples", str(num_samples),
-            "--batch_size", str(grid_settings["batch_size"]), "--seed", str(results["seed"]),
-            "--ddim_steps", str(results["steps"][0]), "--etas", "0",
-            "--fid_ckpt", str(out / "fid" / "standin_inception_v3.ckpt"),
-            "--fid_img_size", str(results["fid_img_size"]), "--fid_device", "cpu"])
-        fid_grid.check_args(args)
-        grid_results = fid_grid.run_grid(args)
-        sampled = re.findall(r"^\[(\S+)\] sampling", capsys.readouterr().out, re.MULTILINE)
-        return grid_results, sorted(sampled)
+            "--ckpt_path", str(ckpt), "--gt_dir", "unused", "--out", "unused",
+            "--num_samples", str(num_samples), "--seed", str(results["seed"]),
+            "--batch_size", str(results["config"]["grid"]["batch_size"]),
+            *(["--use_ema"] if results["use_ema"] else [])])
+        checkpoint = fid_grid.checkpoint_identity(ckpt)
+        for setting in (ddpm, ddim):
+            fid_grid.sample(args, setting, tmp_path / setting.name, checkpoint)
+        return re.findall(r"^\[(\S+)\] sampling", capsys.readouterr().out, re.MULTILINE)
 
     # same content, other path: DDPM reused; the folder with a stray file drawn again, identically
-    same, sampled = grid(results["num_samples"])
-    assert sampled == [ddim]
-    assert same["ddpm"] == results["ddpm"]
-    assert not (grid_out / "samples" / ddim / "notes.txt").exists()
-    assert png_bytes(grid_out / "samples" / ddim) == old[ddim]
+    assert sample(results["num_samples"]) == [ddim.name]
+    assert not (tmp_path / ddim.name / "notes.txt").exists()
+    assert png_bytes(tmp_path / ddim.name) == old[ddim]
+    assert png_bytes(tmp_path / ddpm.name) == old[ddpm]
 
     # the checkpoint rewritten in place (as train.py --resume does), and fewer samples
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["state_dict"]["tail.2.bias"] += 0.5
+    for weights in ("state_dict", "ema_state_dict"):
+        checkpoint[weights]["tail.2.bias"] += 0.5
     torch.save(checkpoint, ckpt)
-    changed, sampled = grid(results["num_samples"] - 2)
-    assert sampled == [ddim, ddpm]
-    for name in (ddpm, ddim):
-        folder = grid_out / "samples" / name
+    assert sample(results["num_samples"] - 2) == [ddpm.name, ddim.name]
+    for setting in (ddpm, ddim):
+        folder = tmp_path / setting.name
         assert sorted(p.name for p in folder.iterdir()) == sorted(
             [f"{i}.png" for i in range(results["num_samples"] - 2)] + ["sampling.json", "setting.json"])
-        setting = json.loads((folder / "setting.json").read_text())
-        assert setting["ckpt_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
-        assert png_bytes(folder)["0.png"] != old[name]["0.png"]
-    assert changed["ddpm"]["fid"] != results["ddpm"]["fid"]
+        recorded = json.loads((folder / "setting.json").read_text())
+        assert recorded["ckpt_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert png_bytes(folder)["0.png"] != old[setting]["0.png"]
 
 
 def test_fid_grid_script(quick, tmp_path):
@@ -208,9 +219,6 @@ def test_fid_grid_script(quick, tmp_path):
     missing = run(["bash", script, tmp_path / "none.ckpt", out / "data" / "val"], tmp_path, env)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "none.ckpt" in missing.stderr.strip() and "\n" not in missing.stderr.strip()
-    bad_eta = run(["bash", script, out / "unet" / "last.ckpt", out / "data" / "val", "--etas", "1.5"],
-                  tmp_path, env)
-    assert bad_eta.returncode != 0 and "--etas" in bad_eta.stderr and "\n" not in bad_eta.stderr.strip()
 
     gt_dir = tmp_path / "real"
     gt_dir.mkdir()

@@ -46,6 +46,7 @@ from cli import ArgumentParser, UsageError, atomic_write_text, run
 from fid import measure_fid
 from model import CheckpointError, DiffusionModule
 from PIL import Image
+from scheduler import TIMESTEP_SPACINGS
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -53,9 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interacti
 COURSE_DIR = Path(__file__).resolve().parent.parent  # where sampling.py runs
 COURSE_DDIM_STEPS = (10, 20, 50, 100, 1000)
 COURSE_ETAS = (0.0, 0.2, 0.5, 1.0)
-# sampling.py --timestep_spacing: "leading" is the course's (and sampling.py's default)
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "quadratic")
-COURSE_SPACING = "leading"
+COURSE_SPACING = "leading"  # sampling.py's default
 GRID_IMAGES = 64
 SETTING_FILE = "setting.json"
 KID_SCALE = 1e3  # tables show KID x 10^3, as clean-fid and most papers do
@@ -112,13 +111,22 @@ def read_json(path):
         return None
 
 
+def checkpoint_identity(ckpt_path):
+    """What a checkpoint's samples depend on: {"T", "sha256" (of the file's bytes), "predictor"}.
+    CheckpointError for a missing or foreign file."""
+    diffusion = DiffusionModule(None, None)
+    diffusion.load(ckpt_path)
+    return {"T": diffusion.var_scheduler.num_train_timesteps, "sha256": file_sha256(ckpt_path),
+            "predictor": diffusion.predictor}
+
+
 def sample(args, setting, save_dir, checkpoint):
     """sampling.py for one setting into save_dir, unless save_dir already holds exactly these
-    samples (see the module docstring) -> its sampling.json. checkpoint: {"sha256", "predictor"}."""
+    samples (see the module docstring) -> its sampling.json. checkpoint: checkpoint_identity()."""
     key = {"ckpt_sha256": checkpoint["sha256"], "predictor": checkpoint["predictor"],
            "sample_method": setting.method, "ddim_steps": setting.steps, "eta": setting.eta,
-           "timestep_spacing": setting.spacing, "num_samples": args.num_samples,
-           "batch_size": args.batch_size, "seed": args.seed}
+           "timestep_spacing": setting.spacing, "use_ema": args.use_ema,
+           "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed}
     expected = {f"{i}.png" for i in range(args.num_samples)} | {"sampling.json", SETTING_FILE}
     if save_dir.exists():
         if read_json(save_dir / SETTING_FILE) == key and {p.name for p in save_dir.iterdir()} == expected:
@@ -129,8 +137,10 @@ def sample(args, setting, save_dir, checkpoint):
                "--ddim_steps", str(setting.steps), "--eta", str(setting.eta),
                "--num_samples", str(args.num_samples), "--batch_size", str(args.batch_size),
                "--seed", str(args.seed), "--gpu", str(args.gpu)]
-    if setting.spacing not in (None, COURSE_SPACING):
+    if setting.spacing is not None:
         command += ["--timestep_spacing", setting.spacing]
+    if args.use_ema:
+        command.append("--use_ema")
     print(f"[{setting.name}] sampling {args.num_samples} images", flush=True)
     result = subprocess.run(command, cwd=COURSE_DIR, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -305,7 +315,7 @@ def write_results(results, out):
     to ``out``; a score is {"fid": float, "kid": float, "kid_se": float}):
 
     {"ckpt_path": str, "ckpt_sha256": str, "gt_dir": str, "num_samples": int, "num_gt": int,
-     "fid_ckpt": str, "fid_img_size": int, "seed": int, "T": int,
+     "fid_ckpt": str, "fid_img_size": int, "use_ema": bool, "seed": int, "T": int,
      "steps": [int], "etas": [float], "timestep_spacing": str, "extra_spacings": [str],
      "extra_steps": [int], "floor": score | null, "floor_dir": str | null,
      "ddpm": {"steps": int, **score, "seconds": float},
@@ -321,14 +331,11 @@ def run_grid(args):
     """Sample every setting, measure every FID and KID, write the outputs -> the results dict."""
     # sampling.py runs in COURSE_DIR: hand it absolute paths
     args.ckpt_path, out = Path(args.ckpt_path).resolve(), Path(args.out).resolve()
-    diffusion = DiffusionModule(None, None)
-    diffusion.load(args.ckpt_path)  # CheckpointError for a missing or foreign checkpoint
-    T = diffusion.var_scheduler.num_train_timesteps
-    checkpoint = {"sha256": file_sha256(args.ckpt_path), "predictor": diffusion.predictor}
-    del diffusion
-    if max(args.ddim_steps + args.extra_steps) > T:
-        raise UsageError(f"--ddim_steps/--extra_steps {max(args.ddim_steps + args.extra_steps)} "
-                         f"is more than the checkpoint's T = {T}")
+    checkpoint = checkpoint_identity(args.ckpt_path)
+    T = checkpoint["T"]
+    most_steps = max(args.ddim_steps + (args.extra_steps if args.extra_spacings else []))
+    if most_steps > T:
+        raise UsageError(f"--ddim_steps/--extra_steps {most_steps} is more than the checkpoint's T = {T}")
     gt_files = evenly_spaced(measure_fid.list_images(args.gt_dir), args.num_gt)
     floor_files = (evenly_spaced(measure_fid.list_images(args.floor_dir), len(gt_files))
                    if args.floor_dir else None)
@@ -356,7 +363,7 @@ def run_grid(args):
         "ckpt_path": relative(args.ckpt_path), "ckpt_sha256": checkpoint["sha256"],
         "gt_dir": relative(args.gt_dir), "num_samples": args.num_samples,
         "num_gt": len(gt_files), "fid_ckpt": relative(args.fid_ckpt),
-        "fid_img_size": args.fid_img_size, "seed": args.seed,
+        "fid_img_size": args.fid_img_size, "use_ema": args.use_ema, "seed": args.seed,
         "T": T, "steps": list(args.ddim_steps), "etas": list(args.etas),
         "timestep_spacing": args.timestep_spacing, "extra_spacings": list(args.extra_spacings),
         "extra_steps": list(args.extra_steps), "floor": floor, "floor_dir": relative(args.floor_dir),
@@ -392,6 +399,8 @@ def build_parser():
     parser.add_argument("--jobs", type=int, default=1,
                         help="settings sampled and scored at once (1 on a GPU; on a CPU, one per "
                              "core with OMP_NUM_THREADS=1)")
+    parser.add_argument("--use_ema", action="store_true",
+                        help="sample with the checkpoint's EMA weights (train.py --ema_decay)")
     parser.add_argument("--seed", type=int, default=63, help="sampling seed (sampling.py's default)")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device for sampling.py")
     parser.add_argument("--num_gt", type=int, default=None,

@@ -47,29 +47,30 @@ from pathlib import Path
 
 from cli import ArgumentParser, UsageError, atomic_write_text, run
 from experiments import fid_grid, standin_dataset
+from scheduler import PREDICTORS
 
 COURSE_DIR = fid_grid.COURSE_DIR
 
-# The full run (see the README's "make image-demo" section for what each choice buys).
+# The full run (the README's "make image-demo" section says what each choice buys).
 FULL = dict(
     image_size=16, num_train_per_class=1000, num_val_per_class=1000,
     classifier=dict(img_size=75, epochs=6, batch_size=16, max_num_images_per_cat=600),
-    unet=dict(ch=32, ch_mult=[1, 2, 2], attn=[], num_res_blocks=1, dropout=0.0, predictor="noise",
+    unet=dict(ch=32, ch_mult=[1, 2, 2], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0",
               batch_size=64, lr=1e-3, warmup_steps=100, train_num_steps=10000, log_interval=2500,
-              num_diffusion_train_timesteps=1000),
+              num_diffusion_train_timesteps=1000, ema_decay=0.999),
     grid=dict(num_samples=150, batch_size=150, ddim_steps=list(fid_grid.COURSE_DDIM_STEPS),
               etas=list(fid_grid.COURSE_ETAS), extra_spacings=["quadratic"], extra_steps=[10, 20, 50],
-              fid_img_size=75),
+              use_ema=True, fid_img_size=75),
 )
 # --quick: every stage runs, on tiny sizes (T = 20 so that DDPM and DDIM with S = T are cheap).
 QUICK = dict(
     image_size=16, num_train_per_class=24, num_val_per_class=8,
     classifier=dict(img_size=75, epochs=1, batch_size=8, max_num_images_per_cat=-1),
-    unet=dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, predictor="noise",
+    unet=dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0",
               batch_size=8, lr=1e-3, warmup_steps=1, train_num_steps=4, log_interval=4,
-              num_diffusion_train_timesteps=20),
+              num_diffusion_train_timesteps=20, ema_decay=0.9),
     grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.0, 1.0],
-              extra_spacings=["quadratic"], extra_steps=[4], fid_img_size=75),
+              extra_spacings=["quadratic"], extra_steps=[4], use_ema=True, fid_img_size=75),
 )
 
 
@@ -89,11 +90,14 @@ def run_script(command, log_path):
 
 
 def flags(options):
-    """{"ch_mult": [1, 2]} -> ["--ch_mult", "1", "2"]: a script's flags from a dict."""
+    """{"ch_mult": [1, 2], "use_ema": True} -> ["--ch_mult", "1", "2", "--use_ema"]: a script's
+    flags from a dict (True: a switch; False: left out)."""
     command = []
     for name, value in options.items():
-        values = value if isinstance(value, list) else [value]
-        command += [f"--{name}", *map(str, values)]
+        if isinstance(value, bool):
+            command += [f"--{name}"] if value else []
+        else:
+            command += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
     return command
 
 
@@ -217,7 +221,10 @@ def main(args):
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     out = Path(args.out).resolve()
-    _, report = run_experiment(out, QUICK if args.quick else FULL, args.seed, args.jobs)
+    config = QUICK if args.quick else FULL
+    if args.predictor is not None:
+        config = {**config, "unet": {**config["unet"], "predictor": args.predictor}}
+    _, report = run_experiment(out, config, args.seed, args.jobs)
     print()
     print(report)
     print(f"Outputs in {out}")
@@ -238,6 +245,9 @@ def parse_args(argv=None):
                         help="seed of the data, the training runs and the samples")
     parser.add_argument("--jobs", type=int, default=2,
                         help="processes run at once (one per CPU core)")
+    parser.add_argument("--predictor", choices=PREDICTORS, default=None,
+                        help="train the UNet to predict this instead (default: x0; the README "
+                             "compares it with the course's noise)")
     return parser.parse_args(argv)
 
 
