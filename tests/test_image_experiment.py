@@ -109,6 +109,14 @@ def test_results_md_has_the_course_layout(quick):
     assert f"{results['classifier_val_accuracy']:.4f}" in markdown
     assert markdown.strip() in stdout  # the report is also printed
 
+    # the contrasts in standard errors, e.g. DDPM against the floor
+    ddpm_floor = results["comparisons"][0]
+    difference = results["ddpm"]["kid"] - results["floor"]["kid"]
+    se = np.sqrt(results["ddpm"]["kid_se"] ** 2 + results["floor"]["kid_se"] ** 2)
+    assert (ddpm_floor["a"], ddpm_floor["b"]) == ("DDPM", "floor (real vs. real)")
+    assert (ddpm_floor["kid_difference"], ddpm_floor["z"]) == pytest.approx((difference, difference / se))
+    assert f"| DDPM | floor (real vs. real) | {1e3 * difference:.2f} +- {1e3 * se:.2f} | {difference / se:.1f} |" in markdown
+
 
 def test_grid_scores_are_measure_fid_on_the_same_images(quick, tmp_path, python_exe):
     """The DDPM entry equals the course's CLI (with --kid) run on the generated folder and the

@@ -240,6 +240,59 @@ def spacing_tables(results, cell):
     return tables
 
 
+RESOLVED_Z = 2.0  # a difference under 2 standard errors is called unresolved
+
+
+def comparisons(results):
+    """The contrasts a reader of the table asks about, as KID differences in standard errors:
+    DDPM against the floor and against DDIM(S = T, eta = 1) (the same process), fewest against
+    most steps for every eta, eta 0 against eta 1 at the fewest steps, every extra spacing against
+    the main one at the same steps and eta 0 -> [{"a", "b", "kid_difference", "se", "z"}], a minus b.
+
+    se = sqrt(se_a^2 + se_b^2). Both KIDs are measured against the same real images and from the
+    same seed's x_T, which correlates their errors positively: the true error of the difference is
+    smaller, so this se is cautious.
+    """
+    ddim = {(r["spacing"], r["steps"], r["eta"]): r for r in results["ddim"]}
+    main, steps, etas = results["timestep_spacing"], sorted(results["steps"]), sorted(results["etas"])
+
+    def name(spacing, s, eta):
+        return f"DDIM {s} steps, eta {eta:g}" + ("" if spacing == main else f", {spacing}")
+
+    pairs = []
+    if results.get("floor") is not None:
+        pairs.append(("DDPM", results["ddpm"], "floor (real vs. real)", results["floor"]))
+    if (main, results["T"], 1.0) in ddim:
+        pairs.append(("DDPM", results["ddpm"], name(main, results["T"], 1.0), ddim[(main, results["T"], 1.0)]))
+    for eta in etas if len(steps) > 1 else []:
+        pairs.append((name(main, steps[0], eta), ddim[(main, steps[0], eta)],
+                      name(main, steps[-1], eta), ddim[(main, steps[-1], eta)]))
+    if len(etas) > 1:
+        pairs.append((name(main, steps[0], etas[0]), ddim[(main, steps[0], etas[0])],
+                      name(main, steps[0], etas[-1]), ddim[(main, steps[0], etas[-1])]))
+    for spacing in results["extra_spacings"]:
+        for s in results["extra_steps"]:
+            if (main, s, etas[0]) in ddim:
+                pairs.append((name(spacing, s, etas[0]), ddim[(spacing, s, etas[0])],
+                              name(main, s, etas[0]), ddim[(main, s, etas[0])]))
+    rows = []
+    for a, row_a, b, row_b in pairs:
+        difference = row_a["kid"] - row_b["kid"]
+        se = float(np.hypot(row_a["kid_se"], row_b["kid_se"]))
+        rows.append({"a": a, "b": b, "kid_difference": difference, "se": se, "z": difference / se})
+    return rows
+
+
+def comparisons_markdown(rows):
+    lines = ["| A | B | KID(A) - KID(B), x 10^3 | z | verdict |", "|---|---|---|---|---|"]
+    for row in rows:
+        verdict = ("unresolved" if abs(row["z"]) < RESOLVED_Z
+                   else f"{'B' if row['z'] > 0 else 'A'} lower")
+        lines.append(f"| {row['a']} | {row['b']} | {KID_SCALE * row['kid_difference']:.2f} +- "
+                     f"{KID_SCALE * row['se']:.2f} | {row['z']:.1f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def results_markdown(results):
     n = results["num_samples"]
     ddpm = results["ddpm"]
@@ -263,6 +316,10 @@ def results_markdown(results):
         lines += ["", f"Floor, real vs. real images at the same N: **{fid_kid(results['floor'])}**."]
     for spacing, table in spacing_tables(results, fid_kid):
         lines += ["", f"DDIM, {spacing} timesteps:", "", table]
+    lines += ["", "## What the table resolves", "",
+              f"KID differences with their standard errors (z = difference / SE); |z| < "
+              f"{RESOLVED_Z:g} is unresolved at this N. See `comparisons` in experiments/fid_grid.py.",
+              "", comparisons_markdown(comparisons(results))]
     lines += ["", f"## Sampling time (seconds for {n} images, reverse process only)", "",
               f"DDPM: {ddpm['seconds']:.1f} s."]
     for spacing, table in spacing_tables(results, lambda row: f"{row['seconds']:.1f}"):
@@ -320,8 +377,10 @@ def write_results(results, out):
      "extra_steps": [int], "floor": score | null, "floor_dir": str | null,
      "ddpm": {"steps": int, **score, "seconds": float},
      "ddim": [{"steps": int, "eta": float, "spacing": str, **score, "seconds": float}, ...],
-     "wall_seconds": {"real_features": float, "sampling_and_scoring": float}}
+     "wall_seconds": {"real_features": float, "sampling_and_scoring": float},
+     "comparisons": comparisons(results)}
     """
+    results = {**results, "comparisons": comparisons(results)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(results))
     plot(results, out / "fid_vs_steps.png")

@@ -215,7 +215,7 @@ def kernel_inception_distance(features_1, features_2):
     between different distributions and overstated it by ~1.7x between two samples of one: a
     cautious error bar. (torch-fidelity's and clean-fid's spread over random subsets of 1000 is
     no standard error: below 1000 images every subset is the whole set. Disjoint subsets give
-    one, but estimate KID 2.5-4x less precisely than the whole sets.)
+    one, but a KID up to 4x less precise than the whole sets'.)
     """
     x, y = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
     m, n = len(x), len(y)
