@@ -177,7 +177,7 @@ def test_grid_samples_are_fresh(quick, tmp_path, capsys):
     ckpt.parent.mkdir()
     shutil.copy(out / "unet" / "last.ckpt", ckpt)
     ddpm = fid_grid.Setting("ddpm", results["T"])
-    ddim = fid_grid.Setting("ddim", results["steps"][0], 0.0, "leading")
+    ddim = fid_grid.Setting("ddim", results["steps"][0], results["etas"][0], "leading")
     for setting in (ddpm, ddim):
         shutil.copytree(out / "samples" / setting.name, tmp_path / setting.name)
     old = {setting: png_bytes(tmp_path / setting.name) for setting in (ddpm, ddim)}

@@ -80,8 +80,8 @@ class Setting(NamedTuple):
 
 
 def grid_settings(T, args):
-    """DDPM, the main DDIM grid, then every extra spacing at --extra_steps, longest first within
-    each group (the order of the tables)."""
+    """DDPM, the main DDIM grid (--etas x --ddim_steps), then every extra spacing at --etas x
+    --extra_steps: the order of the tables."""
     settings = [Setting("ddpm", T)]
     settings += [Setting("ddim", s, e, args.timestep_spacing) for e in args.etas for s in args.ddim_steps]
     settings += [Setting("ddim", s, e, spacing) for spacing in args.extra_spacings

@@ -69,8 +69,8 @@ QUICK = dict(
     unet=dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0",
               batch_size=8, lr=1e-3, warmup_steps=1, train_num_steps=4, log_interval=4,
               num_diffusion_train_timesteps=20, ema_decay=0.9),
-    grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.0, 1.0],
-              extra_spacings=["quadratic"], extra_steps=[4], use_ema=True, fid_img_size=75),
+    grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.5], extra_spacings=["quadratic"],
+              extra_steps=[4], use_ema=True, fid_img_size=75),
 )
 
 
