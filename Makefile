@@ -19,9 +19,10 @@ demo: $(STAMP)
 	cd task1/2d_plot_diffusion_todo && $(PYTHON) run_experiment.py --recipe course --seed 0 --out ../../results/2d_course
 
 # Task 1-2 on a CPU stand-in for AFHQ: builds the data and the FID network, trains a small UNet,
-# samples DDPM and the DDIM steps x eta grid, writes the FID table (under an hour on 2 cores).
+# samples DDPM, the DDIM steps x eta grid and the quadratic-spacing rows, writes the FID and KID
+# tables (within an hour on 2 cores).
 image-demo: $(STAMP)
-	cd task1/image_diffusion_todo && $(PYTHON) image_experiment.py --out ../../results/image_demo
+	cd task1/image_diffusion_todo && $(PYTHON) -m experiments.image_experiment --out ../../results/image_demo
 
 # The offline CPU test suite (what CI runs): one test file per worker process (module-scoped
 # fixtures run once), as many workers as cores up to 4, each on one thread (tiny models run fastest

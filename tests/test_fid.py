@@ -1,8 +1,9 @@
-"""fid/inception.py, fid/measure_fid.py and fid/train_classifier.py.
+"""fid/inception.py, fid/measure_fid.py (FID and KID) and experiments/train_classifier.py.
 
 References: the course checkpoint's key/shape list (tests/fixtures, a copy of the spec), torchvision's
 Inception-v3 (same layers, other names), the closed form of the Frechet distance where sqrtm is
-exact, and an eigendecomposition-based formula for the general case.
+exact, and an eigendecomposition-based formula for the general case; for KID a pair-by-pair
+computation, leave-one-out recomputation, and Monte Carlo draws of known distributions.
 """
 import json
 import os
@@ -163,6 +164,57 @@ def test_frechet_distance_of_a_set_with_itself_is_zero(measure_fid):
     assert measure_fid.frechet_distance(mu, sigma, *shifted) == pytest.approx(0.25 * 256, rel=1e-6)
 
 
+# ----------------------------------------------------------------------------------- KID
+
+def brute_force_kid(x, y):
+    """The unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, one pair at a time."""
+    def k(a, b):
+        return (float(np.dot(a, b)) / len(a) + 1) ** 3
+    m, n = len(x), len(y)
+    within_x = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    within_y = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    return within_x + within_y - 2 * sum(k(a, b) for a in x for b in y) / (m * n)
+
+
+def test_kid_and_its_jackknife_error_match_a_brute_force_computation(measure_fid):
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((7, 5)), rng.standard_normal((9, 5)) * 1.5 + 0.3
+    kid, se = measure_fid.kernel_inception_distance(x, y)
+    assert kid == pytest.approx(brute_force_kid(x, y), rel=1e-10)
+    # the jackknife, each leave-one-out estimate recomputed from scratch
+    without_x = np.array([brute_force_kid(np.delete(x, i, axis=0), y) for i in range(len(x))])
+    without_y = np.array([brute_force_kid(x, np.delete(y, j, axis=0)) for j in range(len(y))])
+    variance = (6 / 7 * np.sum((without_x - without_x.mean()) ** 2)
+                + 8 / 9 * np.sum((without_y - without_y.mean()) ** 2))
+    assert se == pytest.approx(np.sqrt(variance), rel=1e-8)
+    with pytest.raises(measure_fid.FIDInputError):
+        measure_fid.kernel_inception_distance(x[:2], y)
+
+
+def test_kid_is_unbiased_and_its_standard_error_is_one(measure_fid):
+    """Monte Carlo over draws of Gaussian 'features' (d = 32): two samples of one distribution
+    give KID 0 on average, where FID is biased upwards; between two distributions the reported
+    standard error matches the spread of KID over draws, and it shrinks with N like 1/sqrt(N)."""
+    rng = np.random.default_rng(5)
+    d, n, draws = 32, 100, 200
+
+    def draw(size, shift=0.0):
+        return rng.standard_normal((size, d)) + shift
+
+    same = [measure_fid.kernel_inception_distance(draw(n), draw(n))[0] for _ in range(draws)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(draws)
+    fids = [measure_fid.frechet_distance(*measure_fid.feature_statistics(draw(n)),
+                                         *measure_fid.feature_statistics(draw(n))) for _ in range(20)]
+    assert np.mean(fids) > 10 * np.std(fids) / np.sqrt(20)  # FID: positive bias at this N
+
+    shifted = np.array([measure_fid.kernel_inception_distance(draw(n), draw(n, 0.3)) for _ in range(draws)])
+    kids, errors = shifted[:, 0], shifted[:, 1]
+    assert kids.mean() > 5 * kids.std() / np.sqrt(draws)
+    assert 0.8 < np.sqrt(np.mean(errors ** 2)) / kids.std() < 1.25
+    larger = [measure_fid.kernel_inception_distance(draw(4 * n), draw(4 * n, 0.3))[1] for _ in range(10)]
+    assert 0.4 < np.mean(larger) / errors.mean() < 0.6
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 def write_images(folder, colours, size=24, seed=0):
@@ -216,15 +268,20 @@ def reference_features(model, folder, size):
 
 
 @pytest.fixture(scope="module")
-def fid_a_b(folders):
-    """The CLI's FID between folders a and b (b's images are in a sub-folder)."""
+def cli_a_b(folders):
+    """The CLI's output with --kid for folders a and b (b's images are in a sub-folder)."""
     result = run_cli(sys.executable, folders / "a", folders / "b", "--ckpt",
-                     folders / "random.ckpt", "--img_size", 75, "--batch_size", 5)
+                     folders / "random.ckpt", "--img_size", 75, "--batch_size", 5, "--kid")
     assert result.returncode == 0, result.stderr
-    return parse_fid(result.stdout)
+    return result.stdout
 
 
-def test_cli_matches_an_independent_computation(fid_a_b, folders, inception):
+@pytest.fixture(scope="module")
+def fid_a_b(cli_a_b):
+    return parse_fid(cli_a_b)
+
+
+def test_cli_matches_an_independent_computation(cli_a_b, fid_a_b, folders, inception, measure_fid):
     fid = fid_a_b
 
     model = inception.InceptionV3()
@@ -243,6 +300,9 @@ def test_cli_matches_an_independent_computation(fid_a_b, folders, inception):
                 + np.sum(b * b) / (len(b) - 1) - 2 * trace_sqrt)
     assert fid > 0
     assert fid == pytest.approx(expected, rel=1e-3)
+    kid, se = map(float, re.search(r"^KID: (\S+) \+- (\S+)$", cli_a_b, re.MULTILINE).groups())
+    assert (kid, se) == pytest.approx(measure_fid.kernel_inception_distance(f_a, f_b), rel=1e-3)
+    assert kid > 2 * se
 
 
 def test_cli_fid_of_a_folder_with_itself_is_zero(python_exe, folders, fid_a_b):
@@ -262,10 +322,18 @@ def assert_one_line_error(returncode, stderr, *fragments):
 
 
 def main_error(module, argv, capsys):
-    """Run a CLI's main(argv) in this process; (exit status, stderr) of its failure."""
+    """Run a CLI in this process (measure_fid's main(argv), or cli.run(main, parse_args(argv))
+    for the scripts in experiments/); (exit status, stderr) of its failure."""
+    argv = [str(arg) for arg in argv]
     with pytest.raises(SystemExit) as exit_info:
-        module.main([str(arg) for arg in argv])
-    return exit_info.value.code, capsys.readouterr().err
+        if hasattr(module, "parse_args"):
+            module.run(module.main, module.parse_args(argv), module.ERRORS)
+        else:
+            module.main(argv)
+    code = exit_info.value.code
+    if isinstance(code, str):  # cli.run's sys.exit(message): Python prints it on stderr, status 1
+        return 1, code + "\n"
+    return code, capsys.readouterr().err
 
 
 def test_cli_unreadable_image_is_named_in_one_line(python_exe, folders, tmp_path):
@@ -312,11 +380,11 @@ def test_bad_folders_and_sizes(measure_fid, folders, tmp_path, capsys):
     assert_one_line_error(code, err, "75")
 
 
-# ------------------------------------------------------------------- train_classifier.py
+# ------------------------------------------------------- experiments/train_classifier.py
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    standin_dataset = load_module(TASK1_IMAGE, "standin_dataset")
+    standin_dataset = load_module(TASK1_IMAGE, "experiments.standin_dataset")
     root = tmp_path_factory.mktemp("standin") / "data"
     standin_dataset.build(root, num_train_per_class=8, num_val_per_class=4, image_size=16)
     return root
@@ -324,24 +392,15 @@ def standin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def train_classifier():
-    return load_module(TASK1_FID, "train_classifier")
-
-
-@pytest.fixture
-def one_thread():
-    """Train in this process on one thread (2 threads ran ~10x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_module(TASK1_IMAGE, "experiments.train_classifier")
 
 
 def test_train_classifier_writes_a_checkpoint_measure_fid_loads(train_classifier, standin, tmp_path,
                                                                  inception, measure_fid, one_thread):
     out = tmp_path / "classifier.ckpt"
-    train_classifier.main(["--data_root", str(standin), "--out", str(out), "--img_size", "75",
-                           "--epochs", "1", "--batch_size", "8", "--num_workers", "0",
-                           "--device", "cpu"])
+    train_classifier.main(train_classifier.parse_args([
+        "--data_root", str(standin), "--out", str(out), "--img_size", "75", "--epochs", "1",
+        "--batch_size", "8", "--num_workers", "0", "--device", "cpu"]))
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["classes"] == ["circle", "square", "triangle"]
     assert report["num_train_images"] == 24 and report["num_val_images"] == 12
@@ -401,8 +460,9 @@ def test_train_classifier_bad_input(python_exe, train_classifier, tmp_path, caps
     write_images(broken / "train" / "b", [(10, 20, 30)] * 4)
     png_that_verifies_but_cannot_be_decoded(broken / "train" / "b" / "002.png")
     result = subprocess.run(
-        [python_exe, "train_classifier.py", "--data_root", broken, *map(str, common[:-1]), "2"],
-        cwd=TASK1_FID, capture_output=True, text=True, timeout=300, env=SINGLE_THREAD)
+        [python_exe, "-m", "experiments.train_classifier", "--data_root", broken,
+         *map(str, common[:-1]), "2"],
+        cwd=TASK1_IMAGE, capture_output=True, text=True, timeout=300, env=SINGLE_THREAD)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "002.png" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "c.ckpt").exists()
@@ -411,7 +471,7 @@ def test_train_classifier_bad_input(python_exe, train_classifier, tmp_path, caps
 # ---------------------------------------------------------------------- the stand-in data
 
 def test_standin_dataset_is_deterministic_and_in_afhq_layout(tmp_path):
-    standin_dataset = load_module(TASK1_IMAGE, "standin_dataset")
+    standin_dataset = load_module(TASK1_IMAGE, "experiments.standin_dataset")
     first, second = tmp_path / "one", tmp_path / "two"
     standin_dataset.build(first, 5, 3, image_size=16, seed=7)
     standin_dataset.build(second, 5, 3, image_size=16, seed=7)

@@ -1,9 +1,13 @@
-"""image_experiment.py (the CPU Task 1-2 experiment), fid_grid.py and scripts/fid_grid.sh.
+"""experiments/image_experiment.py (the CPU Task 1-2 experiment), experiments/fid_grid.py and
+experiments/fid_grid.sh.
 
 The quick mode runs every stage for real on tiny sizes: the stand-in data, the FID classifier,
-train.py, sampling.py for DDPM and a DDIM grid, and FID. Its numbers are checked against the
-files the stages wrote (sampling.json) and against measure_fid.py's CLI run on the same images.
+train.py, sampling.py for DDPM, a DDIM grid and the quadratic-spacing rows, FID and KID. Its
+numbers are checked against the files the stages wrote (sampling.json) and against
+measure_fid.py's CLI run on the same images; the grid's sample cache against checkpoints
+rewritten in place, shrinking sample counts and stray files.
 """
+import hashlib
 import json
 import os
 import re
@@ -13,10 +17,10 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from conftest import TASK1_FID, TASK1_IMAGE
-
+from conftest import TASK1_FID, TASK1_IMAGE, load_module
 
 # One BLAS/OpenMP thread per child process: on a busy 2-core machine, 2 threads per process
 # made scipy's sqrtm (2048 x 2048) and PyTorch several times slower in our measurements.
@@ -31,13 +35,17 @@ def run(command, cwd, env=None, timeout=600):
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("image_experiment") / "quick"
-    result = run([sys.executable, "image_experiment.py", "--quick", "--out", out], TASK1_IMAGE)
+    result = run([sys.executable, "-m", "experiments.image_experiment", "--quick", "--out", out],
+                 TASK1_IMAGE)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), result.stdout
 
 
 def setting_names(results):
-    return ["ddpm"] + [f"ddim_steps{s}_eta{e:g}" for e in results["etas"] for s in results["steps"]]
+    main = [f"ddim_steps{s}_eta{e:g}" for e in results["etas"] for s in results["steps"]]
+    extra = [f"ddim_{spacing}_steps{s}_eta{e:g}" for spacing in results["extra_spacings"]
+             for e in results["etas"] for s in results["extra_steps"]]
+    return ["ddpm"] + main + extra
 
 
 def test_quick_run_tabulates_every_setting(quick):
@@ -45,20 +53,23 @@ def test_quick_run_tabulates_every_setting(quick):
     config = results["config"]
     grid = config["grid"]
     assert results["steps"] == grid["ddim_steps"] and results["etas"] == grid["etas"]
+    assert results["timestep_spacing"] == "leading" and results["extra_spacings"] == ["quadratic"]
     assert results["T"] == config["unet"]["num_diffusion_train_timesteps"]
     assert results["ddpm"]["steps"] == results["T"]
-    assert sorted((r["steps"], r["eta"]) for r in results["ddim"]) == sorted(
-        (s, e) for s in grid["ddim_steps"] for e in grid["etas"])
-    for row in results["ddim"] + [results["ddpm"]]:
-        assert np.isfinite(row["fid"]) and row["fid"] > 0 and row["seconds"] > 0
-    assert np.isfinite(results["floor_fid"])
+    expected = ([(s, e, "leading") for s in grid["ddim_steps"] for e in grid["etas"]]
+                + [(s, e, "quadratic") for s in grid["extra_steps"] for e in grid["etas"]])
+    assert sorted((r["steps"], r["eta"], r["spacing"]) for r in results["ddim"]) == sorted(expected)
+    for row in results["ddim"] + [results["ddpm"], results["floor"]]:
+        assert np.isfinite(row["fid"]) and row["fid"] > 0
+        assert np.isfinite(row["kid"]) and row["kid_se"] > 0
+    assert all(row["seconds"] > 0 for row in results["ddim"] + [results["ddpm"]])
     assert results["num_samples"] == results["num_gt"] == grid["num_samples"]
     assert 0 <= results["classifier_val_accuracy"] <= 1
     assert set(results["stage_seconds"]) == {"data", "classifier", "unet", "grid"}
 
     for name in setting_names(results):
         samples = sorted((out / "samples" / name).glob("*.png"))
-        assert len(samples) == grid["num_samples"]
+        assert len(samples) == grid["num_samples"], name
         assert Image.open(samples[0]).size == (config["image_size"],) * 2
         assert Image.open(out / "grids" / f"{name}.png").size[0] == 8 * config["image_size"]
     assert Image.open(out / "fid_vs_steps.png").format == "PNG"
@@ -69,25 +80,47 @@ def test_quick_run_tabulates_every_setting(quick):
     assert summary["sample_method"] == "ddpm" and summary["num_samples"] == grid["num_samples"]
 
 
+def test_results_hold_no_absolute_paths(quick):
+    """Outputs meant to be committed name files relative to the output folder."""
+    out, results, _ = quick
+    assert results["ckpt_path"] == os.path.join("unet", "last.ckpt")
+    assert results["gt_dir"] == os.path.join("data", "val")
+    for name in ("results.json", "results.md", "stages.json"):
+        text = (out / name).read_text()
+        assert str(out) not in text and str(TASK1_IMAGE) not in text, name
+
+
 def test_results_md_has_the_course_layout(quick):
-    """Rows eta, columns steps, the values of results.json; DDPM, the floor and the accuracy."""
+    """Rows eta, columns steps, FID (KID x 10^3 +- SE) from results.json; DDPM, the floor, the
+    quadratic table and the classifier's accuracy."""
     out, results, stdout = quick
     markdown = (out / "results.md").read_text()
-    header = "| eta \\ steps | " + " | ".join(str(s) for s in results["steps"]) + " |"
-    assert header in markdown
-    fid = {(r["steps"], r["eta"]): r["fid"] for r in results["ddim"]}
-    for eta in results["etas"]:
-        row = f"| {eta:g} | " + " | ".join(f"{fid[(s, eta)]:.2f}" for s in results["steps"]) + " |"
-        assert row in markdown
-    assert f"DDPM ({results['T']} steps): {results['ddpm']['fid']:.2f}" in markdown
-    assert f"{results['floor_fid']:.2f}" in markdown
+
+    def cell(row):
+        return f"{row['fid']:.1f} ({1e3 * row['kid']:.2f} +- {1e3 * row['kid_se']:.2f})"
+
+    for spacing, steps in (("leading", results["steps"]), ("quadratic", results["extra_steps"])):
+        rows = {(r["steps"], r["eta"]): r for r in results["ddim"] if r["spacing"] == spacing}
+        assert f"DDIM, {spacing} timesteps:\n\n| eta \\ steps | " + " | ".join(map(str, steps)) + " |" in markdown
+        for eta in results["etas"]:
+            assert f"| {eta:g} | " + " | ".join(cell(rows[(s, eta)]) for s in steps) + " |" in markdown
+    assert f"DDPM ({results['T']} steps): **{cell(results['ddpm'])}**" in markdown
+    assert f"**{cell(results['floor'])}**" in markdown
     assert f"{results['classifier_val_accuracy']:.4f}" in markdown
     assert markdown.strip() in stdout  # the report is also printed
 
+    # the contrasts in standard errors, e.g. DDPM against the floor
+    ddpm_floor = results["comparisons"][0]
+    difference = results["ddpm"]["kid"] - results["floor"]["kid"]
+    se = np.sqrt(results["ddpm"]["kid_se"] ** 2 + results["floor"]["kid_se"] ** 2)
+    assert (ddpm_floor["a"], ddpm_floor["b"]) == ("DDPM", "floor (real vs. real)")
+    assert (ddpm_floor["kid_difference"], ddpm_floor["z"]) == pytest.approx((difference, difference / se))
+    assert f"| DDPM | floor (real vs. real) | {1e3 * difference:.2f} +- {1e3 * se:.2f} | {difference / se:.1f} |" in markdown
 
-def test_grid_fid_is_measure_fid_on_the_same_images(quick, tmp_path, python_exe):
-    """The DDPM entry equals the course's CLI run on the generated folder and the same real
-    images (N evenly spaced images of the sorted validation split)."""
+
+def test_grid_scores_are_measure_fid_on_the_same_images(quick, tmp_path, python_exe):
+    """The DDPM entry equals the course's CLI (with --kid) run on the generated folder and the
+    same real images (N evenly spaced images of the sorted validation split)."""
     out, results, _ = quick
     real = sorted((out / "data" / "val").rglob("*.png"))
     chosen = [real[i] for i in np.linspace(0, len(real) - 1, results["num_gt"]).round().astype(int)]
@@ -95,15 +128,19 @@ def test_grid_fid_is_measure_fid_on_the_same_images(quick, tmp_path, python_exe)
         shutil.copy(path, tmp_path / f"{i}.png")
     result = run([python_exe, "measure_fid.py", tmp_path, out / "samples" / "ddpm",
                   "--ckpt", out / "fid" / "standin_inception_v3.ckpt",
-                  "--img_size", results["fid_img_size"], "--device", "cpu"], TASK1_FID)
+                  "--img_size", results["fid_img_size"], "--device", "cpu", "--kid"], TASK1_FID)
     assert result.returncode == 0, result.stderr
     fid = float(re.search(r"^FID: (\S+)$", result.stdout, re.MULTILINE).group(1))
+    kid, se = map(float, re.search(r"^KID: (\S+) \+- (\S+)$", result.stdout, re.MULTILINE).groups())
     assert results["ddpm"]["fid"] == pytest.approx(fid, rel=1e-6)
+    # KID is symmetric in its two sets, so the order of the folders does not matter
+    assert (results["ddpm"]["kid"], results["ddpm"]["kid_se"]) == pytest.approx((kid, se), rel=1e-6)
 
 
 def test_a_second_run_reuses_the_finished_stages(quick):
     out, results, _ = quick
-    result = run([sys.executable, "image_experiment.py", "--quick", "--out", out], TASK1_IMAGE)
+    result = run([sys.executable, "-m", "experiments.image_experiment", "--quick", "--out", out],
+                 TASK1_IMAGE)
     assert result.returncode == 0, result.stderr
     for stage in ("data", "classifier", "unet", "grid"):
         assert f"== {stage}: done in an earlier run" in result.stdout
@@ -111,10 +148,78 @@ def test_a_second_run_reuses_the_finished_stages(quick):
     assert again["ddim"] == results["ddim"] and again["ddpm"] == results["ddpm"]
 
 
-def test_fid_grid_script(quick, tmp_path):
-    """scripts/fid_grid.sh CKPT GT_DIR, as on a GPU, with tiny settings passed through."""
+@pytest.mark.parametrize("flags, message", [
+    (["--etas", "0", "1.5"], "--etas must lie in [0, 1]"),
+    (["--num_samples", "2"], "--num_samples and --num_gt must be at least 3"),
+    (["--extra_spacings", "leading"], "repeats the main --timestep_spacing"),
+])
+def test_fid_grid_refuses_bad_flags_before_any_work(flags, message, tmp_path):
+    fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
+    args = fid_grid.build_parser().parse_args(
+        ["--ckpt_path", str(tmp_path / "none.ckpt"), "--gt_dir", "x", "--out", str(tmp_path / "out"), *flags])
+    with pytest.raises(fid_grid.UsageError, match=re.escape(message)):
+        fid_grid.check_args(args)
+    assert not (tmp_path / "out").exists()
+
+
+def png_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_grid_samples_are_fresh(quick, tmp_path, capsys):
+    """The grid's sample cache (fid_grid.sample with checkpoint_identity, what run_grid calls per
+    setting): a copy of the checkpoint elsewhere reuses the samples (same content); a stray file
+    in the folder, or the checkpoint rewritten in place, draws them again from an empty folder;
+    fewer samples leave exactly that many."""
+    fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
     out, results, _ = quick
-    script = TASK1_IMAGE / "scripts" / "fid_grid.sh"
+    ckpt = tmp_path / "moved" / "last.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(out / "unet" / "last.ckpt", ckpt)
+    ddpm = fid_grid.Setting("ddpm", results["T"])
+    ddim = fid_grid.Setting("ddim", results["steps"][0], results["etas"][0], "leading")
+    for setting in (ddpm, ddim):
+        shutil.copytree(out / "samples" / setting.name, tmp_path / setting.name)
+    old = {setting: png_bytes(tmp_path / setting.name) for setting in (ddpm, ddim)}
+    (tmp_path / ddim.name / "notes.txt").write_text("not a sample")
+
+    def sample(num_samples):
+        """Both settings as the quick run sampled them, but from ckpt -> the ones sampled now."""
+        args = fid_grid.build_parser().parse_args([
+            "--ckpt_path", str(ckpt), "--gt_dir", "unused", "--out", "unused",
+            "--num_samples", str(num_samples), "--seed", str(results["seed"]),
+            "--batch_size", str(results["config"]["grid"]["batch_size"]),
+            *(["--use_ema"] if results["use_ema"] else [])])
+        checkpoint = fid_grid.checkpoint_identity(ckpt)
+        for setting in (ddpm, ddim):
+            fid_grid.sample(args, setting, tmp_path / setting.name, checkpoint)
+        return re.findall(r"^\[(\S+)\] sampling", capsys.readouterr().out, re.MULTILINE)
+
+    # same content, other path: DDPM reused; the folder with a stray file drawn again, identically
+    assert sample(results["num_samples"]) == [ddim.name]
+    assert not (tmp_path / ddim.name / "notes.txt").exists()
+    assert png_bytes(tmp_path / ddim.name) == old[ddim]
+    assert png_bytes(tmp_path / ddpm.name) == old[ddpm]
+
+    # the checkpoint rewritten in place (as train.py --resume does), and fewer samples
+    checkpoint = torch.load(ckpt, weights_only=True)
+    for weights in ("state_dict", "ema_state_dict"):
+        checkpoint[weights]["tail.2.bias"] += 0.5
+    torch.save(checkpoint, ckpt)
+    assert sample(results["num_samples"] - 2) == [ddpm.name, ddim.name]
+    for setting in (ddpm, ddim):
+        folder = tmp_path / setting.name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            [f"{i}.png" for i in range(results["num_samples"] - 2)] + ["sampling.json", "setting.json"])
+        recorded = json.loads((folder / "setting.json").read_text())
+        assert recorded["ckpt_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+        assert png_bytes(folder)["0.png"] != old[setting]["0.png"]
+
+
+def test_fid_grid_script(quick, tmp_path):
+    """experiments/fid_grid.sh CKPT GT_DIR, as on a GPU, with tiny settings passed through."""
+    out, results, _ = quick
+    script = TASK1_IMAGE / "experiments" / "fid_grid.sh"
     env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "grid")}
 
     usage = run(["bash", script], tmp_path, env)

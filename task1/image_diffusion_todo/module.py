@@ -10,6 +10,34 @@ import torch.nn.functional as F
 from torch.nn import init
 
 
+# The course normalises with GroupNorm(32, C). The time embedding enters every ResBlock as a
+# per-channel bias added just before block2's GroupNorm, and a group of ONE channel subtracts
+# that bias with its own mean: with C = 32 the network cannot see t at all. Groups of at least
+# two channels keep the differences between their channels' biases.
+COURSE_NUM_GROUPS = 32
+MIN_CHANNELS_PER_GROUP = 2
+
+
+def num_groups(channels: int) -> int:
+    """GroupNorm's group count for `channels`: the course's 32 where every group then holds at
+    least MIN_CHANNELS_PER_GROUP channels (every C = 32k, k >= 2: the course UNet is unchanged),
+    else the largest count below 32 that divides C and leaves each group 2 or more channels
+    (C = 32: 16 groups of 2; C = 48: 24 of 2). Raises ValueError for C < 2, which no grouping
+    can make see the time embedding.
+    """
+    for groups in range(min(COURSE_NUM_GROUPS, channels // MIN_CHANNELS_PER_GROUP), 0, -1):
+        if channels % groups == 0:
+            return groups
+    raise ValueError(f"GroupNorm over {channels} channel(s): a group needs at least "
+                     f"{MIN_CHANNELS_PER_GROUP} channels, or it normalises the time embedding away")
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """nn.GroupNorm(num_groups(channels), channels). Its weight and bias are [channels] for any
+    group count, so a state_dict saved with another grouping loads without complaint."""
+    return nn.GroupNorm(num_groups(channels), channels)
+
+
 class Swish(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(x)
@@ -73,7 +101,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, in_ch: int):
         super().__init__()
-        self.group_norm = nn.GroupNorm(32, in_ch)
+        self.group_norm = group_norm(in_ch)
         self.proj_q = nn.Conv2d(in_ch, in_ch, 1)
         self.proj_k = nn.Conv2d(in_ch, in_ch, 1)
         self.proj_v = nn.Conv2d(in_ch, in_ch, 1)
@@ -103,7 +131,7 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, tdim: int, dropout: float, attn: bool = False):
         super().__init__()
         self.block1 = nn.Sequential(
-            nn.GroupNorm(32, in_ch),
+            group_norm(in_ch),
             Swish(),
             nn.Conv2d(in_ch, out_ch, 3, stride=1, padding=1),
         )
@@ -112,7 +140,7 @@ class ResBlock(nn.Module):
             nn.Linear(tdim, out_ch),
         )
         self.block2 = nn.Sequential(
-            nn.GroupNorm(32, out_ch),
+            group_norm(out_ch),
             Swish(),
             nn.Dropout(dropout),
             nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1),

@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn as nn
-from module import DownSample, ResBlock, Swish, TimeEmbedding, UpSample
+from module import DownSample, ResBlock, Swish, TimeEmbedding, UpSample, group_norm
 from torch.nn import init
 
 
@@ -70,7 +70,7 @@ class UNet(nn.Module):
                 self.upblocks.append(UpSample(now_ch))
 
         self.tail = nn.Sequential(
-            nn.GroupNorm(32, now_ch),
+            group_norm(now_ch),
             Swish(),
             nn.Conv2d(now_ch, 3, 3, stride=1, padding=1),
         )

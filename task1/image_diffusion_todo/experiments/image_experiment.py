@@ -1,31 +1,27 @@
 """The whole Task 1-2 experiment on a CPU, as one command, with the code paths of the GPU run.
 
-    python image_experiment.py [--out ../../results/image_demo] [--quick]
+    cd task1/image_diffusion_todo
+    python -m experiments.image_experiment [--out ../../results/image_demo] [--quick]
 
 AFHQ, the course's FID checkpoint and a GPU-day of training are replaced by things this
-repository builds, everything else is the course's pipeline run through its own scripts:
+repository builds; everything else is the course's pipeline, run through its own scripts:
 
- 1. data        ``standin_dataset.py``: three classes of shapes, 16x16, AFHQ's layout.
- 2. classifier  ``fid/train_classifier.py``: inception.py's Inception-v3 trained to tell the
-                three classes apart, as the course made afhq_inception_v3.ckpt; its validation
-                accuracy is reported.
+ 1. data        ``experiments/standin_dataset.py``: three classes of shapes in AFHQ's layout.
+ 2. classifier  ``experiments/train_classifier.py``: fid/inception.py's Inception-v3 trained to
+                tell the three classes apart, as the course made afhq_inception_v3.ckpt; its
+                validation accuracy is reported.
  3. unet        ``train.py --data_root``: a reduced UNet (flags only), T = 1000.
- 4. grid        ``fid_grid.py``: ``sampling.py`` for DDPM and DDIM steps x eta, FID of each
-                against the validation split, the floor FID(train, val), tables and figure.
+ 4. grid        ``experiments/fid_grid.py``: ``sampling.py`` for DDPM, DDIM steps x eta and the
+                quadratic-spacing rows; FID and KID +- SE of each against the validation split;
+                the floor (train split against the same validation images); tables and figure.
 
-Everything goes to OUT: data/, fid/, unet/, samples/, grids/, results.json, results.md,
-fid_vs_steps.png. Every FID uses the same number of real images as generated ones
-(--num_samples), including the floor, because FID is biased at small N.
+Stages 2 and 3 are independent and run at the same time, one process each (--jobs 2); the
+grid samples and scores --jobs settings at once. Everything goes to OUT: data/, fid/, unet/,
+samples/, grids/, results.json, results.md, fid_vs_steps.png, stages.json. Every FID uses as
+many real images as generated ones, the floor included, because FID is biased at small N.
 
-The sizes (``FULL`` below) are chosen for 2 CPU cores. Sampling costs 1000 + 4 x (10 + 20 +
-50 + 100 + 1000) = 5720 network evaluations per image, so:
- - 16x16 images and a 2-level UNet with 32 channels: ~1.5 ms per image and evaluation on one
-   core (the course UNet at 32x32 with ch_mult 1 2 2 took ~15 ms), N = 150 images per setting;
- - the x0 predictor (--predictor x0). With the course's noise predictor, 2000 CPU steps leave
-   an error in the predicted noise's per-channel mean (half of its MSE at t = 999) that
-   x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) multiplies by ~150 near t = T:
-   samples came out as saturated colour fields. Predicting x0 has no such amplification; the
-   DDPM and DDIM updates are the same for every predictor (scheduler.py).
+``FULL`` below is sized for one hour on 2 CPU cores: every image of the grid costs
+1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) = 6040 network evaluations.
 --quick shrinks everything so the pipeline runs end to end in a minute or two (for tests).
 A stage recorded as done in OUT/stages.json with the same settings is reused, so a run that
 was interrupted continues; delete OUT to start afresh.
@@ -36,43 +32,45 @@ if __name__ == "__main__":
     # One thread per process, set before numpy and torch start their thread pools. On a CPU
     # shared with other work, 2 threads per process ran PyTorch 10x and scipy's sqrtm 5x
     # slower than 1 thread in our measurements (the threads wait for each other whenever one
-    # is descheduled); parallelism comes from --jobs sampling processes instead.
+    # is descheduled); parallelism comes from --jobs processes instead.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import fid_grid
-import standin_dataset
-from cli import atomic_write_text
+from cli import ArgumentParser, UsageError, atomic_write_text, run
+from experiments import fid_grid, standin_dataset
+from scheduler import PREDICTORS
 
-HERE = Path(__file__).resolve().parent
+COURSE_DIR = fid_grid.COURSE_DIR
 
-# The full run; numbers are the ones the README quotes.
+# The full run (the README's "make image-demo" section says what each choice buys).
 FULL = dict(
     image_size=16, num_train_per_class=1000, num_val_per_class=1000,
     classifier=dict(img_size=75, epochs=6, batch_size=16, max_num_images_per_cat=600),
-    unet=dict(ch=32, ch_mult=[1, 1], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0",
-              batch_size=64, lr=1e-3, warmup_steps=100, train_num_steps=4000, log_interval=1000,
-              num_diffusion_train_timesteps=1000),
+    unet=dict(ch=32, ch_mult=[1, 2, 2], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0",
+              batch_size=64, lr=1e-3, warmup_steps=100, train_num_steps=10000, log_interval=2500,
+              num_diffusion_train_timesteps=1000, ema_decay=0.999),
     grid=dict(num_samples=150, batch_size=150, ddim_steps=list(fid_grid.COURSE_DDIM_STEPS),
-              etas=list(fid_grid.COURSE_ETAS), fid_img_size=75),
+              etas=list(fid_grid.COURSE_ETAS), extra_spacings=["quadratic"], extra_steps=[10, 20, 50],
+              use_ema=True, fid_img_size=75),
 )
 # --quick: every stage runs, on tiny sizes (T = 20 so that DDPM and DDIM with S = T are cheap).
 QUICK = dict(
     image_size=16, num_train_per_class=24, num_val_per_class=8,
     classifier=dict(img_size=75, epochs=1, batch_size=8, max_num_images_per_cat=-1),
-    unet=dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0", batch_size=8,
-              lr=1e-3, warmup_steps=1, train_num_steps=4, log_interval=4,
-              num_diffusion_train_timesteps=20),
-    grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.0, 1.0],
-              fid_img_size=75),
+    unet=dict(ch=32, ch_mult=[1], attn=[], num_res_blocks=1, dropout=0.0, predictor="x0",
+              batch_size=8, lr=1e-3, warmup_steps=1, train_num_steps=4, log_interval=4,
+              num_diffusion_train_timesteps=20, ema_decay=0.9),
+    grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.5], extra_spacings=["quadratic"],
+              extra_steps=[4], use_ema=True, fid_img_size=75),
 )
 
 
@@ -80,22 +78,26 @@ class StageError(Exception):
     """A stage's command failed; reported as one line."""
 
 
-def run_script(command, cwd, log_path):
-    """Run one of the course's scripts, its output going to ``log_path``; StageError on failure."""
+def run_script(command, log_path):
+    """``python -m``/script ``command`` in the course's folder, its output going to
+    ``log_path``; StageError with the log's last line on failure."""
     with open(log_path, "w") as log:
-        result = subprocess.run([sys.executable, *command], cwd=cwd, stdout=log,
+        result = subprocess.run([sys.executable, *command], cwd=COURSE_DIR, stdout=log,
                                 stderr=subprocess.STDOUT)
     if result.returncode != 0:
         lines = Path(log_path).read_text().strip().splitlines() or ["(no output)"]
-        raise StageError(f"{command[0]} failed (log: {log_path}): {lines[-1]}")
+        raise StageError(f"{' '.join(command[:2])} failed (log: {log_path}): {lines[-1]}")
 
 
 def flags(options):
-    """{"ch_mult": [1, 2]} -> ["--ch_mult", "1", "2"]: train.py's flags from a dict."""
+    """{"ch_mult": [1, 2], "use_ema": True} -> ["--ch_mult", "1", "2", "--use_ema"]: a script's
+    flags from a dict (True: a switch; False: left out)."""
     command = []
     for name, value in options.items():
-        values = value if isinstance(value, list) else [value]
-        command += [f"--{name}", *map(str, values)]
+        if isinstance(value, bool):
+            command += [f"--{name}"] if value else []
+        else:
+            command += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
     return command
 
 
@@ -105,6 +107,7 @@ class Stages:
     def __init__(self, out):
         self.path = out / "stages.json"
         self.done = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.lock = threading.Lock()  # stages may finish at the same time in two threads
 
     def run(self, name, settings, work):
         """work() unless ``name`` already finished with these settings -> its record."""
@@ -116,8 +119,9 @@ class Stages:
         start = time.time()
         extra = work() or {}
         record = {"settings": settings, "seconds": time.time() - start, **extra}
-        self.done[name] = record
-        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
+        with self.lock:
+            self.done[name] = record
+            atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
         print(f"== {name}: {record['seconds']:.0f} s", flush=True)
         return record
 
@@ -145,34 +149,38 @@ def run_experiment(out, config, seed, jobs=2):
 
     def train_classifier():
         fid_ckpt.parent.mkdir(exist_ok=True)
-        run_script(["train_classifier.py", "--data_root", str(data_root), "--out", str(fid_ckpt),
-                    "--num_workers", "0", "--seed", str(seed), *flags(config["classifier"])],
-                   HERE / "fid", out / "fid" / "train_classifier.log")
+        run_script(["-m", "experiments.train_classifier", "--data_root", str(data_root),
+                    "--out", str(fid_ckpt), "--num_workers", "0", "--seed", str(seed),
+                    "--device", "cpu", *flags(config["classifier"])],
+                   out / "fid" / "train_classifier.log")
         report = json.loads(fid_ckpt.with_suffix(".json").read_text())
         return {"val_accuracy": report["val_accuracy"]}
 
-    classifier = stages.run("classifier", classifier_settings, train_classifier)
-
     def train_unet():
-        # Left by an interrupted or older run: train.py refuses to overwrite last.ckpt, and
-        # samples of another network must not be reused.
-        for stale in (unet_dir, out / "samples"):
-            shutil.rmtree(stale, ignore_errors=True)
+        # Left by an interrupted or older run: train.py refuses to overwrite last.ckpt.
+        shutil.rmtree(unet_dir, ignore_errors=True)
         unet_dir.mkdir()
         run_script(["train.py", "--data_root", str(data_root), "--save_dir", str(unet_dir),
                     "--image_resolution", str(config["image_size"]), "--sample_method", "ddim",
                     "--max_num_images_per_cat", "-1", "--num_workers", "0", "--seed", str(seed),
                     *flags(config["unet"])],
-                   HERE, out / "train_unet.log")
+                   out / "train_unet.log")
 
-    stages.run("unet", unet_settings, train_unet)
+    # independent of each other: one process each when there are two cores
+    with ThreadPoolExecutor(max_workers=min(jobs, 2)) as pool:
+        classifier = pool.submit(stages.run, "classifier", classifier_settings, train_classifier)
+        unet = pool.submit(stages.run, "unet", unet_settings, train_unet)
+        classifier, _ = classifier.result(), unet.result()
 
     grid_args = fid_grid.build_parser().parse_args([
         "--ckpt_path", str(unet_dir / "last.ckpt"), "--gt_dir", str(data_root / "val"),
         "--out", str(out), "--floor_dir", str(data_root / "train"),
         "--num_gt", str(config["grid"]["num_samples"]), "--fid_ckpt", str(fid_ckpt),
-        "--fid_device", "cpu", "--gpu", "0", "--jobs", str(jobs), *flags(config["grid"]),
+        "--fid_device", "cpu", "--gpu", "0", "--jobs", str(jobs), "--seed", str(seed),
+        *flags(config["grid"]),
     ])
+    fid_grid.check_args(grid_args)
+    # The grid's own cache (keyed on the checkpoint's content) decides which samples are reused.
     grid = stages.run("grid", grid_settings, lambda: {"results": fid_grid.run_grid(grid_args)})
 
     results = dict(grid["results"])
@@ -180,7 +188,6 @@ def run_experiment(out, config, seed, jobs=2):
     results["config"] = config
     results["stage_seconds"] = {name: stages.done[name]["seconds"]
                                 for name in ("data", "classifier", "unet", "grid")}
-    results["total_seconds"] = sum(results["stage_seconds"].values())
     results["this_run_seconds"] = time.time() - total_start
     fid_grid.write_results(results, out)
     report = experiment_markdown(results)
@@ -204,38 +211,45 @@ def experiment_markdown(results):
         "| stage | minutes |",
         "|---|---|",
         stage_rows,
-        f"| total | {results['total_seconds'] / 60:.1f} |",
+        f"| this run, end to end (classifier and unet run at the same time) | "
+        f"{results['this_run_seconds'] / 60:.1f} |",
         "",
     ])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Train, sample DDPM and the DDIM steps x eta grid, and measure FID, on a "
-                    "CPU stand-in for AFHQ."
-    )
-    parser.add_argument("--out", default=str(HERE.parent.parent / "results" / "image_demo"),
-                        help="output folder (default: results/image_demo in the repository)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny data, models and grid: the whole pipeline in a minute or two "
-                             "(for tests)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training runs")
-    parser.add_argument("--jobs", type=int, default=2,
-                        help="sampling processes run at once (one per CPU core)")
-    args = parser.parse_args(argv)
+def main(args):
     if args.jobs < 1:
-        parser.exit(2, "error: --jobs must be at least 1\n")
-    config = QUICK if args.quick else FULL
+        raise UsageError("--jobs must be at least 1")
     out = Path(args.out).resolve()
-    try:
-        _, report = run_experiment(out, config, args.seed, args.jobs)
-    except (StageError, FileExistsError, fid_grid.GridError, fid_grid.CheckpointError,
-            fid_grid.measure_fid.FIDInputError, ValueError, OSError) as error:
-        parser.exit(1, f"error: {fid_grid.measure_fid.one_line(error)}\n")
+    config = QUICK if args.quick else FULL
+    if args.predictor is not None:
+        config = {**config, "unet": {**config["unet"], "predictor": args.predictor}}
+    _, report = run_experiment(out, config, args.seed, args.jobs)
     print()
     print(report)
     print(f"Outputs in {out}")
 
 
+def parse_args(argv=None):
+    parser = ArgumentParser(
+        prog="python -m experiments.image_experiment",
+        description="Train, sample DDPM and the DDIM steps x eta grid, and measure FID and KID, "
+                    "on a CPU stand-in for AFHQ."
+    )
+    parser.add_argument("--out", default=str(COURSE_DIR.parent.parent / "results" / "image_demo"),
+                        help="output folder (default: results/image_demo in the repository)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny data, models and grid: the whole pipeline in a minute or two "
+                             "(for tests)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data, the training runs and the samples")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="processes run at once (one per CPU core)")
+    parser.add_argument("--predictor", choices=PREDICTORS, default=None,
+                        help="train the UNet to predict this instead (default: x0; the README "
+                             "compares it with the course's noise)")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main()
+    run(main, parse_args(), (StageError, UsageError, FileExistsError, *fid_grid.ERRORS))

@@ -6,8 +6,8 @@ UNet at 64x64 takes a GPU-day. This module writes a small dataset in AFHQ's layo
     ROOT/train/{circle,square,triangle}/00000.png ...
     ROOT/val/{circle,square,triangle}/00000.png ...
 
-so that ``train.py --data_root ROOT``, ``fid/train_classifier.py --data_root ROOT`` and
-``measure_fid.py ROOT/val GEN_DIR`` run exactly as they do on AFHQ. Each image is one filled
+so that ``train.py --data_root ROOT``, ``experiments/train_classifier.py --data_root ROOT`` and
+``fid/measure_fid.py ROOT/val GEN_DIR`` run exactly as they do on AFHQ. Each image is one filled
 shape (the class) in a random saturated colour, size, position and rotation, on a random
 dark background, drawn at 4x and box-filtered down so edges are anti-aliased.
 
@@ -16,19 +16,19 @@ byte-identical PNGs on any machine. ROOT/standin.json records the arguments; bui
 with the same arguments is a no-op, and the folder appears atomically (built under a
 temporary name, then renamed).
 
-Usage: python standin_dataset.py --out ../../data/standin [--num_train_per_class 1000] ...
+Usage (from image_diffusion_todo/):
+    python -m experiments.standin_dataset --out ../../data/standin [--num_train_per_class 1000] ...
 """
-import argparse
 import colorsys
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from cli import ArgumentParser, UsageError, run
 from PIL import Image, ImageDraw
 
 CLASSES = ("circle", "square", "triangle")
@@ -106,8 +106,17 @@ def build(root, num_train_per_class=1000, num_val_per_class=1000, image_size=32,
     return manifest
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(args):
+    for name in ("num_train_per_class", "num_val_per_class", "image_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    build(args.out, args.num_train_per_class, args.num_val_per_class, args.image_size, args.seed)
+    print(f"stand-in dataset ready in {args.out}")
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(prog="python -m experiments.standin_dataset",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=str, default="../../data/standin",
                         help="dataset root to create (gets train/ and val/)")
     parser.add_argument("--num_train_per_class", type=int, default=1000,
@@ -116,17 +125,8 @@ def main(argv=None):
                         help="validation images per class")
     parser.add_argument("--image_size", type=int, default=32, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed every image is derived from")
-    args = parser.parse_args(argv)
-    for name in ("num_train_per_class", "num_val_per_class", "image_size"):
-        if getattr(args, name) < 1:
-            parser.exit(2, f"error: --{name} must be at least 1\n")
-    try:
-        build(args.out, args.num_train_per_class, args.num_val_per_class, args.image_size,
-              args.seed)
-    except (FileExistsError, OSError) as error:
-        parser.exit(1, f"error: {error}\n")
-    print(f"stand-in dataset ready in {args.out}")
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main, parse_args(), (UsageError, FileExistsError, OSError))

@@ -1,0 +1,505 @@
+"""The Task 1-2 table: FID and KID of DDPM and DDIM over steps x eta, from one checkpoint.
+
+    python -m experiments.fid_grid --ckpt_path CKPT --gt_dir GT_DIR --out OUT_DIR
+
+(run from image_diffusion_todo/). For DDPM (all T steps) and every DDIM setting (--ddim_steps x
+--etas, the course's grid by default, with --timestep_spacing; plus --extra_spacings at
+--extra_steps x --etas) it runs ``sampling.py`` -- the command a student runs -- into
+OUT_DIR/samples/<setting>/, takes the reverse-process time from its sampling.json, and measures
+the samples against GT_DIR with ``fid/measure_fid.py``'s functions (the real images' features
+are computed once): FID, and KID with its (jackknife) standard error. It writes
+
+    OUT_DIR/results.json      every number (the schema is in ``write_results``' docstring)
+    OUT_DIR/results.md        the tables in the course's layout: rows eta, columns steps
+    OUT_DIR/fid_vs_steps.png  FID, KID and sampling time against the number of steps
+    OUT_DIR/grids/<setting>.png  the first 64 samples of every setting (real.png: real images)
+
+--floor_dir adds FID and KID of real images against real images (e.g. the training split
+against GT_DIR) at the same number of images: where a perfect model would land at this sample
+size. --num_gt N measures against N evenly spaced images of GT_DIR (sorted, so every class
+folder contributes equally) instead of all of them. FID is biased at small N: compare FIDs only
+at the same N; KID is unbiased, and differences smaller than about 2 standard errors are noise.
+
+Samples are reused only when they are certainly the ones asked for: a setting's folder is kept
+when its setting.json records the same checkpoint CONTENT (its SHA-256, so a checkpoint
+rewritten in place is sampled again) and the same settings, and the folder holds exactly the
+expected files. Anything else -- another checkpoint, other settings, an interrupted run, stray
+files -- and the folder is emptied and sampled afresh. experiments/fid_grid.sh runs this on a
+GPU with the course's checkpoint and settings; experiments/image_experiment.py on the CPU
+stand-in.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import matplotlib
+import numpy as np
+from cli import ArgumentParser, UsageError, atomic_write_text, run
+from fid import measure_fid
+from model import CheckpointError, DiffusionModule
+from PIL import Image
+from scheduler import TIMESTEP_SPACINGS
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+COURSE_DIR = Path(__file__).resolve().parent.parent  # where sampling.py runs
+COURSE_DDIM_STEPS = (10, 20, 50, 100, 1000)
+COURSE_ETAS = (0.0, 0.2, 0.5, 1.0)
+COURSE_SPACING = "leading"  # sampling.py's default
+GRID_IMAGES = 64
+SETTING_FILE = "setting.json"
+KID_SCALE = 1e3  # tables show KID x 10^3, as clean-fid and most papers do
+
+
+class GridError(Exception):
+    """A failed sampling run, reported as one line."""
+
+
+class Setting(NamedTuple):
+    """One sampler: DDPM (steps = T, eta and spacing unused) or DDIM."""
+    method: str
+    steps: int
+    eta: float = 1.0
+    spacing: Optional[str] = None
+
+    @property
+    def name(self):
+        if self.method == "ddpm":
+            return "ddpm"
+        spacing = "" if self.spacing == COURSE_SPACING else f"_{self.spacing}"
+        return f"ddim{spacing}_steps{self.steps}_eta{self.eta:g}"
+
+
+def grid_settings(T, args):
+    """DDPM, the main DDIM grid (--etas x --ddim_steps), then every extra spacing at --etas x
+    --extra_steps: the order of the tables."""
+    settings = [Setting("ddpm", T)]
+    settings += [Setting("ddim", s, e, args.timestep_spacing) for e in args.etas for s in args.ddim_steps]
+    settings += [Setting("ddim", s, e, spacing) for spacing in args.extra_spacings
+                 for e in args.etas for s in args.extra_steps]
+    return settings
+
+
+def evenly_spaced(files, n):
+    """n of ``files`` at evenly spaced positions (all of them when n is None or >= len)."""
+    if n is None or n >= len(files):
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).round().astype(int)]
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_identity(ckpt_path):
+    """What a checkpoint's samples depend on: {"T", "sha256" (of the file's bytes), "predictor"}.
+    CheckpointError for a missing or foreign file."""
+    diffusion = DiffusionModule(None, None)
+    diffusion.load(ckpt_path)
+    return {"T": diffusion.var_scheduler.num_train_timesteps, "sha256": file_sha256(ckpt_path),
+            "predictor": diffusion.predictor}
+
+
+def sample(args, setting, save_dir, checkpoint):
+    """sampling.py for one setting into save_dir, unless save_dir already holds exactly these
+    samples (see the module docstring) -> its sampling.json. checkpoint: checkpoint_identity()."""
+    key = {"ckpt_sha256": checkpoint["sha256"], "predictor": checkpoint["predictor"],
+           "sample_method": setting.method, "ddim_steps": setting.steps, "eta": setting.eta,
+           "timestep_spacing": setting.spacing, "use_ema": args.use_ema,
+           "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed}
+    expected = {f"{i}.png" for i in range(args.num_samples)} | {"sampling.json", SETTING_FILE}
+    if save_dir.exists():
+        if read_json(save_dir / SETTING_FILE) == key and {p.name for p in save_dir.iterdir()} == expected:
+            return read_json(save_dir / "sampling.json")
+        shutil.rmtree(save_dir)
+    command = [sys.executable, "sampling.py", "--ckpt_path", str(args.ckpt_path),
+               "--save_dir", str(save_dir), "--sample_method", setting.method,
+               "--ddim_steps", str(setting.steps), "--eta", str(setting.eta),
+               "--num_samples", str(args.num_samples), "--batch_size", str(args.batch_size),
+               "--seed", str(args.seed), "--gpu", str(args.gpu)]
+    if setting.spacing is not None:
+        command += ["--timestep_spacing", setting.spacing]
+    if args.use_ema:
+        command.append("--use_ema")
+    print(f"[{setting.name}] sampling {args.num_samples} images", flush=True)
+    result = subprocess.run(command, cwd=COURSE_DIR, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["(no message)"]
+        raise GridError(f"sampling.py failed for {setting.name}: {lines[-1]}")
+    atomic_write_text(save_dir / SETTING_FILE, json.dumps(key, indent=2) + "\n")
+    return read_json(save_dir / "sampling.json")
+
+
+def save_grid(files, path, columns=8):
+    """The first GRID_IMAGES of ``files`` tiled ``columns`` wide into one PNG."""
+    images = [Image.open(f).convert("RGB") for f in files[:GRID_IMAGES]]
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    grid.save(path)
+
+
+class Scorer:
+    """FID and KID of image files against the real images' features (computed once)."""
+
+    def __init__(self, args, gt_files):
+        self.args = args
+        self.device = measure_fid.parse_device(args.fid_device)
+        self.model = measure_fid.load_inception(args.fid_ckpt, self.device)
+        self.gt_features = self.features(gt_files, "real images")
+        self.gt_statistics = measure_fid.feature_statistics(self.gt_features)
+
+    def features(self, files, desc):
+        return measure_fid.extract_features(files, self.model, self.args.fid_img_size,
+                                            self.args.fid_batch_size, self.device, desc)
+
+    def score(self, files, desc):
+        """-> {"fid", "kid", "kid_se"} of ``files`` against the real images."""
+        features = self.features(files, desc)
+        fid = measure_fid.frechet_distance(*measure_fid.feature_statistics(features),
+                                           *self.gt_statistics)
+        kid, kid_se = measure_fid.kernel_inception_distance(features, self.gt_features)
+        return {"fid": fid, "kid": kid, "kid_se": kid_se}
+
+
+def measure_all(args, settings, out, checkpoint, scorer):
+    """Sample (sample()) and score every setting, --jobs at a time -> {name: row}.
+
+    A job samples its setting in a sampling.py process, then scores it here while the other
+    jobs sample, so scoring overlaps sampling. The longest runs start first so that parallel
+    jobs finish together.
+    """
+    def job(setting):
+        save_dir = out / "samples" / setting.name
+        summary = sample(args, setting, save_dir, checkpoint)
+        files = sorted(save_dir.glob("*.png"), key=lambda p: int(p.stem))
+        save_grid(files, out / "grids" / f"{setting.name}.png")
+        row = {"steps": setting.steps, **scorer.score(files, setting.name),
+               "seconds": summary["seconds"]}
+        if setting.method == "ddim":
+            row.update(eta=setting.eta, spacing=setting.spacing)
+        print(f"[{setting.name}] FID {row['fid']:.3f}, KID {format_kid(row)}, "
+              f"{row['seconds']:.1f} s of sampling", flush=True)
+        return row
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {s.name: pool.submit(job, s) for s in sorted(settings, key=lambda s: -s.steps)}
+        try:
+            return {name: future.result() for name, future in futures.items()}
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+
+
+def format_kid(row):
+    """'1.23 +- 0.45': KID and its standard error, x KID_SCALE."""
+    return f"{KID_SCALE * row['kid']:.2f} +- {KID_SCALE * row['kid_se']:.2f}"
+
+
+def format_table(rows, steps, etas, cell):
+    """Markdown table: rows eta, columns steps, entries cell(row) ("-" where no row)."""
+    lookup = {(r["steps"], r["eta"]): r for r in rows}
+    lines = ["| eta \\ steps | " + " | ".join(str(s) for s in steps) + " |",
+             "|" + "---|" * (len(steps) + 1)]
+    for eta in etas:
+        cells = [cell(lookup[(s, eta)]) if (s, eta) in lookup else "-" for s in steps]
+        lines.append(f"| {eta:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def spacing_tables(results, cell):
+    """One format_table per timestep spacing: (spacing, steps, table)."""
+    tables = []
+    for spacing in [results["timestep_spacing"], *results["extra_spacings"]]:
+        rows = [r for r in results["ddim"] if r["spacing"] == spacing]
+        steps = sorted({r["steps"] for r in rows})
+        tables.append((spacing, format_table(rows, steps, results["etas"], cell)))
+    return tables
+
+
+RESOLVED_Z = 2.0  # a difference under 2 standard errors is called unresolved
+
+
+def comparisons(results):
+    """The contrasts a reader of the table asks about, as KID differences in standard errors:
+    DDPM against the floor and against DDIM(S = T, eta = 1) (the same process), fewest against
+    most steps for every eta, eta 0 against eta 1 at the fewest steps, every extra spacing against
+    the main one at the same steps and eta 0 -> [{"a", "b", "kid_difference", "se", "z"}], a minus b.
+
+    se = sqrt(se_a^2 + se_b^2). Both KIDs are measured against the same real images and from the
+    same seed's x_T, which correlates their errors positively: the true error of the difference is
+    smaller, so this se is cautious.
+    """
+    ddim = {(r["spacing"], r["steps"], r["eta"]): r for r in results["ddim"]}
+    main, steps, etas = results["timestep_spacing"], sorted(results["steps"]), sorted(results["etas"])
+
+    def name(spacing, s, eta):
+        return f"DDIM {s} steps, eta {eta:g}" + ("" if spacing == main else f", {spacing}")
+
+    pairs = []
+    if results.get("floor") is not None:
+        pairs.append(("DDPM", results["ddpm"], "floor (real vs. real)", results["floor"]))
+    if (main, results["T"], 1.0) in ddim:
+        pairs.append(("DDPM", results["ddpm"], name(main, results["T"], 1.0), ddim[(main, results["T"], 1.0)]))
+    for eta in etas if len(steps) > 1 else []:
+        pairs.append((name(main, steps[0], eta), ddim[(main, steps[0], eta)],
+                      name(main, steps[-1], eta), ddim[(main, steps[-1], eta)]))
+    if len(etas) > 1:
+        pairs.append((name(main, steps[0], etas[0]), ddim[(main, steps[0], etas[0])],
+                      name(main, steps[0], etas[-1]), ddim[(main, steps[0], etas[-1])]))
+    for spacing in results["extra_spacings"]:
+        for s in results["extra_steps"]:
+            if (main, s, etas[0]) in ddim:
+                pairs.append((name(spacing, s, etas[0]), ddim[(spacing, s, etas[0])],
+                              name(main, s, etas[0]), ddim[(main, s, etas[0])]))
+    rows = []
+    for a, row_a, b, row_b in pairs:
+        difference = row_a["kid"] - row_b["kid"]
+        se = float(np.hypot(row_a["kid_se"], row_b["kid_se"]))
+        rows.append({"a": a, "b": b, "kid_difference": difference, "se": se, "z": difference / se})
+    return rows
+
+
+def comparisons_markdown(rows):
+    lines = ["| A | B | KID(A) - KID(B), x 10^3 | z | verdict |", "|---|---|---|---|---|"]
+    for row in rows:
+        verdict = ("unresolved" if abs(row["z"]) < RESOLVED_Z
+                   else f"{'B' if row['z'] > 0 else 'A'} lower")
+        lines.append(f"| {row['a']} | {row['b']} | {KID_SCALE * row['kid_difference']:.2f} +- "
+                     f"{KID_SCALE * row['se']:.2f} | {row['z']:.1f} | {verdict} |")
+    return "\n".join(lines)
+
+
+def results_markdown(results):
+    n = results["num_samples"]
+    ddpm = results["ddpm"]
+
+    def fid_kid(row):
+        return f"{row['fid']:.1f} ({format_kid(row)})"
+
+    lines = [
+        f"# FID and KID of DDPM and DDIM samples ({n} generated vs. {results['num_gt']} real images)",
+        "",
+        f"Checkpoint `{results['ckpt_path']}` (SHA-256 {results['ckpt_sha256'][:12]}...); real "
+        f"images `{results['gt_dir']}`; FID network `{results['fid_ckpt']}` at "
+        f"{results['fid_img_size']}x{results['fid_img_size']}; paths relative to this folder.",
+        "",
+        "## FID (KID x 10^3 +- its standard error); lower is better",
+        "",
+        f"FID is biased upwards at small N (compare at the same N only); KID is unbiased. "
+        f"DDPM ({ddpm['steps']} steps): **{fid_kid(ddpm)}**.",
+    ]
+    if results.get("floor") is not None:
+        lines += ["", f"Floor, real vs. real images at the same N: **{fid_kid(results['floor'])}**."]
+    for spacing, table in spacing_tables(results, fid_kid):
+        lines += ["", f"DDIM, {spacing} timesteps:", "", table]
+    lines += ["", "## What the table resolves", "",
+              f"KID differences with their standard errors (z = difference / SE); |z| < "
+              f"{RESOLVED_Z:g} is unresolved at this N. See `comparisons` in experiments/fid_grid.py.",
+              "", comparisons_markdown(comparisons(results))]
+    lines += ["", f"## Sampling time (seconds for {n} images, reverse process only)", "",
+              f"DDPM: {ddpm['seconds']:.1f} s."]
+    for spacing, table in spacing_tables(results, lambda row: f"{row['seconds']:.1f}"):
+        lines += ["", f"DDIM, {spacing} timesteps:", "", table]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path):
+    """FID, KID (+- 1 standard error) and sampling time against steps, one line per eta and
+    spacing (solid: the main spacing, dashed: extra spacings); DDPM a star, the floor dotted."""
+    fig, (ax_fid, ax_kid, ax_time) = plt.subplots(1, 3, figsize=(16, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    spacings = [results["timestep_spacing"], *results["extra_spacings"]]
+    for i, eta in enumerate(results["etas"]):
+        for spacing in spacings:
+            rows = sorted((r for r in results["ddim"] if r["eta"] == eta and r["spacing"] == spacing),
+                          key=lambda r: r["steps"])
+            style = dict(marker="o", color=colours[i % len(colours)],
+                         linestyle="-" if spacing == spacings[0] else "--",
+                         label=f"DDIM {spacing}, eta={eta:g}")
+            steps = [r["steps"] for r in rows]
+            ax_fid.plot(steps, [r["fid"] for r in rows], **style)
+            ax_kid.errorbar(steps, [KID_SCALE * r["kid"] for r in rows],
+                            yerr=[KID_SCALE * r["kid_se"] for r in rows], capsize=3, **style)
+            ax_time.plot(steps, [r["seconds"] for r in rows], **style)
+    ddpm, floor = results["ddpm"], results.get("floor")
+    star = dict(marker="*", s=150, color="black", zorder=3, label="DDPM")
+    ax_fid.scatter([ddpm["steps"]], [ddpm["fid"]], **star)
+    ax_kid.scatter([ddpm["steps"]], [KID_SCALE * ddpm["kid"]], **star)
+    ax_time.scatter([ddpm["steps"]], [ddpm["seconds"]], **star)
+    if floor is not None:
+        ax_fid.axhline(floor["fid"], color="gray", linestyle=":", label="floor (real vs real)")
+        ax_kid.axhline(KID_SCALE * floor["kid"], color="gray", linestyle=":",
+                       label="floor (real vs real)")
+    n = results["num_samples"]
+    ax_fid.set(xscale="log", xlabel="sampling steps", ylabel=f"FID (N = {n})", title="FID")
+    ax_kid.set(xscale="log", xlabel="sampling steps", ylabel="KID x 10^3 (+- 1 s.e.)", title="KID")
+    ax_time.set(xscale="log", yscale="log", xlabel="sampling steps",
+                ylabel=f"seconds for {n} images", title="Sampling time")
+    for ax in (ax_fid, ax_kid, ax_time):
+        ax.grid(True, which="both", alpha=0.3)
+    ax_time.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(results, out):
+    """results.json, results.md and fid_vs_steps.png in ``out``. results.json (paths relative
+    to ``out``; a score is {"fid": float, "kid": float, "kid_se": float}):
+
+    {"ckpt_path": str, "ckpt_sha256": str, "gt_dir": str, "num_samples": int, "num_gt": int,
+     "fid_ckpt": str, "fid_img_size": int, "use_ema": bool, "seed": int, "T": int,
+     "steps": [int], "etas": [float], "timestep_spacing": str, "extra_spacings": [str],
+     "extra_steps": [int], "floor": score | null, "floor_dir": str | null,
+     "ddpm": {"steps": int, **score, "seconds": float},
+     "ddim": [{"steps": int, "eta": float, "spacing": str, **score, "seconds": float}, ...],
+     "wall_seconds": {"real_features": float, "sampling_and_scoring": float},
+     "comparisons": comparisons(results)}
+    """
+    results = {**results, "comparisons": comparisons(results)}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(results))
+    plot(results, out / "fid_vs_steps.png")
+
+
+def run_grid(args):
+    """Sample every setting, measure every FID and KID, write the outputs -> the results dict."""
+    # sampling.py runs in COURSE_DIR: hand it absolute paths
+    args.ckpt_path, out = Path(args.ckpt_path).resolve(), Path(args.out).resolve()
+    checkpoint = checkpoint_identity(args.ckpt_path)
+    T = checkpoint["T"]
+    most_steps = max(args.ddim_steps + (args.extra_steps if args.extra_spacings else []))
+    if most_steps > T:
+        raise UsageError(f"--ddim_steps/--extra_steps {most_steps} is more than the checkpoint's T = {T}")
+    gt_files = evenly_spaced(measure_fid.list_images(args.gt_dir), args.num_gt)
+    floor_files = (evenly_spaced(measure_fid.list_images(args.floor_dir), len(gt_files))
+                   if args.floor_dir else None)
+    measure_fid.verify_images(gt_files + (floor_files or []))
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    (out / "grids").mkdir(exist_ok=True)
+    save_grid(gt_files, out / "grids" / "real.png")  # what the samples are compared with
+
+    start = time.time()
+    scorer = Scorer(args, gt_files)
+    floor = scorer.score(floor_files, "floor images") if floor_files is not None else None
+    if floor is not None:
+        print(f"[floor] FID {floor['fid']:.3f}, KID {format_kid(floor)} "
+              f"({len(floor_files)} images of {args.floor_dir})", flush=True)
+    real_seconds = time.time() - start
+
+    start = time.time()
+    settings = grid_settings(T, args)
+    rows = measure_all(args, settings, out, checkpoint, scorer)
+
+    def relative(path):
+        return os.path.relpath(Path(path).resolve(), out) if path is not None else None
+
+    results = {
+        "ckpt_path": relative(args.ckpt_path), "ckpt_sha256": checkpoint["sha256"],
+        "gt_dir": relative(args.gt_dir), "num_samples": args.num_samples,
+        "num_gt": len(gt_files), "fid_ckpt": relative(args.fid_ckpt),
+        "fid_img_size": args.fid_img_size, "use_ema": args.use_ema, "seed": args.seed,
+        "T": T, "steps": list(args.ddim_steps), "etas": list(args.etas),
+        "timestep_spacing": args.timestep_spacing, "extra_spacings": list(args.extra_spacings),
+        "extra_steps": list(args.extra_steps), "floor": floor, "floor_dir": relative(args.floor_dir),
+        "ddpm": rows["ddpm"], "ddim": [rows[s.name] for s in settings[1:]],
+        "wall_seconds": {"real_features": real_seconds, "sampling_and_scoring": time.time() - start},
+    }
+    write_results(results, out)
+    return results
+
+
+def build_parser():
+    parser = ArgumentParser(
+        prog="python -m experiments.fid_grid",
+        description="Sample DDPM and the DDIM steps x eta grid from a checkpoint; tabulate FID and KID."
+    )
+    parser.add_argument("--ckpt_path", required=True, help="DDPM checkpoint written by train.py")
+    parser.add_argument("--gt_dir", required=True, help="folder of real images to measure against")
+    parser.add_argument("--out", required=True, help="output folder (samples, grids, tables, figure)")
+    parser.add_argument("--num_samples", type=int, default=500,
+                        help="images generated per setting (course: 500)")
+    parser.add_argument("--batch_size", type=int, default=100, help="images sampled at once")
+    parser.add_argument("--ddim_steps", type=int, nargs="+", default=list(COURSE_DDIM_STEPS),
+                        help="DDIM step counts (columns of the table)")
+    parser.add_argument("--etas", type=float, nargs="+", default=list(COURSE_ETAS),
+                        help="DDIM eta values, each in [0, 1] (rows of the tables)")
+    parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=COURSE_SPACING,
+                        help="DDIM timestep spacing of the main table (sampling.py's flag; "
+                             "default: the course's leading)")
+    parser.add_argument("--extra_spacings", choices=TIMESTEP_SPACINGS, nargs="*", default=[],
+                        help="more spacings, each a table of --extra_steps x --etas (e.g. quadratic)")
+    parser.add_argument("--extra_steps", type=int, nargs="+", default=[10, 20, 50],
+                        help="DDIM step counts of the --extra_spacings tables")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="settings sampled and scored at once (1 on a GPU; on a CPU, one per "
+                             "core with OMP_NUM_THREADS=1)")
+    parser.add_argument("--use_ema", action="store_true",
+                        help="sample with the checkpoint's EMA weights (train.py --ema_decay)")
+    parser.add_argument("--seed", type=int, default=63, help="sampling seed (sampling.py's default)")
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device for sampling.py")
+    parser.add_argument("--num_gt", type=int, default=None,
+                        help="measure against this many evenly spaced real images (default: all)")
+    parser.add_argument("--floor_dir", default=None,
+                        help="other real images (e.g. the training split): adds FID/KID(real, real)")
+    parser.add_argument("--fid_ckpt", default=str(measure_fid.DEFAULT_CKPT),
+                        help="Inception-v3 weights (default: the course's fid/afhq_inception_v3.ckpt)")
+    parser.add_argument("--fid_img_size", type=int, default=256,
+                        help="FID input size (course: 256; the size the FID network was trained at)")
+    parser.add_argument("--fid_batch_size", type=int, default=50, help="images per Inception pass")
+    parser.add_argument("--fid_device", default=None, help="device for FID (default: cuda if available)")
+    return parser
+
+
+def check_args(args):
+    for name in ("batch_size", "fid_batch_size", "jobs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1")
+    if args.num_samples < 3 or (args.num_gt is not None and args.num_gt < 3):
+        raise UsageError("--num_samples and --num_gt must be at least 3 (FID needs a covariance, "
+                         "KID's standard error 3 images)")
+    if min(args.ddim_steps + args.extra_steps) < 1:
+        raise UsageError("--ddim_steps and --extra_steps must be at least 1")
+    if args.timestep_spacing in args.extra_spacings:
+        raise UsageError(f"--extra_spacings repeats the main --timestep_spacing {args.timestep_spacing}")
+    if not all(0 <= eta <= 1 for eta in args.etas):
+        raise UsageError(f"--etas must lie in [0, 1], got {args.etas}")
+    if args.fid_img_size < measure_fid.MIN_INPUT_SIZE:
+        raise UsageError(f"--fid_img_size must be at least {measure_fid.MIN_INPUT_SIZE}")
+
+
+def main(args):
+    check_args(args)
+    results = run_grid(args)
+    print()
+    print(results_markdown(results))
+
+
+ERRORS = (UsageError, GridError, CheckpointError, measure_fid.FIDInputError, ValueError, OSError)
+
+if __name__ == "__main__":
+    run(main, build_parser().parse_args(), ERRORS)
