@@ -135,12 +135,8 @@ def main(args):
     ddpm = ddpm.to(device).eval()
     shares = split_batches(args.num_samples, args.batch_size, state.num_processes)
     my_batches = shares[state.process_index]
-    num_steps = len(ddpm.var_scheduler.timesteps)
     if state.is_main_process:
         print(describe_split(shares, args.batch_size), flush=True)
-        if args.sample_method == "ddim" and num_steps < args.ddim_steps:
-            print(f"{args.timestep_spacing} spacing repeats timesteps at {args.ddim_steps} steps: "
-                  f"taking the {num_steps} distinct ones")
 
     save_dir = Path(args.save_dir)
     save_dir.mkdir(exist_ok=True, parents=True)

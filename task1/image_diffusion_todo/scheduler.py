@@ -79,8 +79,8 @@ def check_predictor(predictor: str) -> None:
 def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, timestep_spacing: str = "leading"):
     """The timesteps DDIM visits, and where the step from each one goes.
 
-    Returns (timesteps, prev_timesteps), two long tensors [S'] (S' = S but for quadratic, below):
-    timesteps = tau_{S'} > ... > tau_1, a sub-sequence of 0..T-1 (DDIM section 4.2); the step from
+    Returns (timesteps, prev_timesteps), two long tensors [S]:
+    timesteps = tau_S > ... > tau_1, a sub-sequence of 0..T-1 (DDIM section 4.2); the step from
     timesteps[i] goes to prev_timesteps[i] = timesteps[i + 1], and from the last one to -1, where
     alpha_bar is 1: every spacing's last step lands on a clean sample.
 
@@ -101,8 +101,10 @@ def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, ti
                  DDIM paper's CIFAR-10 results (Appendix D.2; the authors' code computes
                  int(linspace(0, sqrt(0.8 T), S) ** 2)). Rounding down repeats the smallest
                  timesteps once S > sqrt(0.8 T) + 1 (S >= 30 for T = 1000: 0, 0, 1, 2, 5, ...). A step
-                 from t to t changes nothing (alpha_bar_prev = alpha_bar_t); the authors' code spends
-                 a network call on it, here repeats are dropped: S' < S steps, the same samples.
+                 from t to t changes nothing (alpha_bar_prev = alpha_bar_t) but the authors' code
+                 spends a network call on it; here a repeat moves to one above its predecessor,
+                 tau_i = max(tau_i, tau_{i-1} + 1), so that S steps are S network calls that all do
+                 work (the same rule as 2d_plot_diffusion_todo/ddpm.py's ddim_timesteps).
 
     leading, linspace and trailing never repeat a timestep for S <= T: before rounding, neighbours
     are at least 1 apart.
@@ -117,7 +119,9 @@ def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, ti
     elif timestep_spacing == "trailing":
         ascending = (np.round(np.arange(T, 0, -T / S))[:S] - 1)[::-1]
     elif timestep_spacing == "quadratic":
-        ascending = np.unique((np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64))
+        ascending = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64)
+        for i in range(1, S):
+            ascending[i] = max(ascending[i], ascending[i - 1] + 1)
     else:
         raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
     timesteps = torch.from_numpy(ascending[::-1].astype(np.int64))
@@ -297,8 +301,8 @@ class DDIMScheduler(BaseScheduler):
         self.set_inference_timesteps(num_inference_timesteps)
 
     def set_inference_timesteps(self, num_inference_timesteps: int):
-        """Use S = num_inference_timesteps steps (1 <= S <= T); sets `timesteps` ([S'], descending;
-        S' < S only where quadratic spacing repeats a timestep) and `prev_timesteps`."""
+        """Use S = num_inference_timesteps steps (1 <= S <= T); sets `timesteps` ([S], descending)
+        and `prev_timesteps` ([S], where each step goes)."""
         self.timesteps, self.prev_timesteps = ddim_sub_sequence(
             self.num_train_timesteps, num_inference_timesteps, self.timestep_spacing)
         self.num_inference_timesteps = num_inference_timesteps
