@@ -216,6 +216,23 @@ def test_grid_samples_are_fresh(quick, tmp_path, capsys):
         assert png_bytes(folder)["0.png"] != old[setting]["0.png"]
 
 
+def test_grid_passes_the_processes_through(quick, tmp_path):
+    """--num_processes 2: sampling.py under torchrun (2 gloo processes), and the same PNG bytes
+    as the quick run's 1 process wrote (image i depends on (seed, i) only)."""
+    fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
+    out, results, _ = quick
+    ckpt = out / "unet" / "last.ckpt"
+    setting = fid_grid.Setting("ddim", results["steps"][0], results["etas"][0], "leading")
+    args = fid_grid.build_parser().parse_args([
+        "--ckpt_path", str(ckpt), "--gt_dir", "unused", "--out", "unused", "--num_processes", "2",
+        "--num_samples", str(results["num_samples"]), "--seed", str(results["seed"]),
+        "--batch_size", str(results["config"]["grid"]["batch_size"]),
+        *(["--use_ema"] if results["use_ema"] else [])])
+    sampling = fid_grid.sample(args, setting, tmp_path / setting.name, fid_grid.checkpoint_identity(ckpt))
+    assert sampling["num_processes"] == 2
+    assert png_bytes(tmp_path / setting.name) == png_bytes(out / "samples" / setting.name)
+
+
 def test_fid_grid_script(quick, tmp_path):
     """experiments/fid_grid.sh CKPT GT_DIR, as on a GPU, with tiny settings passed through."""
     out, results, _ = quick

@@ -132,7 +132,11 @@ def sample(args, setting, save_dir, checkpoint):
         if read_json(save_dir / SETTING_FILE) == key and {p.name for p in save_dir.iterdir()} == expected:
             return read_json(save_dir / "sampling.json")
         shutil.rmtree(save_dir)
-    command = [sys.executable, "sampling.py", "--ckpt_path", str(args.ckpt_path),
+    # N > 1: torchrun shares the images out (image i depends on (seed, i) only, so the PNGs are
+    # the ones 1 process writes); --standalone lets parallel --jobs each pick a free port.
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", str(args.num_processes)] if args.num_processes > 1 else [sys.executable])
+    command = [*launcher, "sampling.py", "--ckpt_path", str(args.ckpt_path),
                "--save_dir", str(save_dir), "--sample_method", setting.method,
                "--ddim_steps", str(setting.steps), "--eta", str(setting.eta),
                "--num_samples", str(args.num_samples), "--batch_size", str(args.batch_size),
@@ -458,6 +462,9 @@ def build_parser():
     parser.add_argument("--jobs", type=int, default=1,
                         help="settings sampled and scored at once (1 on a GPU; on a CPU, one per "
                              "core with OMP_NUM_THREADS=1)")
+    parser.add_argument("--num_processes", type=int, default=1,
+                        help="processes sampling.py runs in for each setting (torchrun; one per GPU, "
+                             "each on its LOCAL_RANK's GPU, --gpu then unused)")
     parser.add_argument("--use_ema", action="store_true",
                         help="sample with the checkpoint's EMA weights (train.py --ema_decay)")
     parser.add_argument("--seed", type=int, default=63, help="sampling seed (sampling.py's default)")
@@ -476,7 +483,7 @@ def build_parser():
 
 
 def check_args(args):
-    for name in ("batch_size", "fid_batch_size", "jobs"):
+    for name in ("batch_size", "fid_batch_size", "jobs", "num_processes"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1")
     if args.num_samples < 3 or (args.num_gt is not None and args.num_gt < 3):
