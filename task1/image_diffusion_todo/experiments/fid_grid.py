@@ -4,7 +4,8 @@
 
 (run from image_diffusion_todo/). For DDPM (all T steps) and every DDIM setting (--ddim_steps x
 --etas, the course's grid by default, with --timestep_spacing; plus --extra_spacings at
---extra_steps x --etas) it runs ``sampling.py`` -- the command a student runs -- into
+--extra_steps x --etas) it runs ``sampling.py`` -- the command a student runs, as a process of its
+own so that --jobs settings sample in parallel and --num_processes under torchrun -- into
 OUT_DIR/samples/<setting>/, takes the reverse-process time from its sampling.json, and measures
 the samples against GT_DIR with ``fid/measure_fid.py``'s functions (the real images' features
 are computed once): FID, and KID with its (jackknife) standard error. It writes
