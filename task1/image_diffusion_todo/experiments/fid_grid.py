@@ -465,7 +465,8 @@ def build_parser():
                              "core with OMP_NUM_THREADS=1)")
     parser.add_argument("--num_processes", type=int, default=1,
                         help="processes sampling.py runs in for each setting (torchrun; one per GPU, "
-                             "each on its LOCAL_RANK's GPU, --gpu then unused)")
+                             "each on its LOCAL_RANK's GPU, --gpu then unused; the time tables then "
+                             "sum the processes' times, as sampling.json's 'seconds' does)")
     parser.add_argument("--use_ema", action="store_true",
                         help="sample with the checkpoint's EMA weights (train.py --ema_decay)")
     parser.add_argument("--seed", type=int, default=63, help="sampling seed (sampling.py's default)")
