@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo image-demo test venv
+.PHONY: demo image-demo test venv report submission
 
 venv: $(STAMP)
 
@@ -29,3 +29,14 @@ image-demo: $(STAMP)
 # so, and threads of two workers would only wait on each other).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --maxprocesses 4 --dist loadfile tests
+
+# The report: report/report_template.md filled from the results files (yours when they exist:
+# task1/image_diffusion_todo/results/fid_grid/results.json, task2/runs/*/validation/) ->
+# report/report.md -> report/report.pdf.
+report: $(STAMP)
+	$(PYTHON) report/build_report.py
+
+# The course's zip, <ID>_lab2.zip: report.pdf, Task 1's code, and the two LoRA links in task2/.
+# Standard library only: no virtual environment needed.
+submission:
+	@python3 report/make_submission.py --id "$(ID)" --lora_link_1 "$(LORA_LINK_1)" --lora_link_2 "$(LORA_LINK_2)"

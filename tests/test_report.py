@@ -1,0 +1,174 @@
+"""The course deliverables: the report built from results files (report/build_report.py), the
+submission zip in the course's layout (report/make_submission.py), the README's length and the
+FID grid script under a POSIX sh."""
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS, ETAS = [10, 20, 50, 100, 1000], [0.0, 0.2, 0.5, 1.0]
+RUBRIC_HEADINGS = ["Task 1-1: DDIM on the Swiss roll", "Task 1-2: DDIM on images", "Task 2-1: LoRA on a visual style",
+                   "Task 2-2: DreamBooth with LoRA on one subject", "The course's bars over training seeds",
+                   "FID: steps × eta", "Dataset", "Generated images", "Discussion"]
+# The course's example tree (the course README's "Submission" section), {ID} = 123.
+COURSE_TREE = [
+    "report.pdf",
+    "task1/2d_plot_diffusion_todo/__init__.py", "task1/2d_plot_diffusion_todo/chamferdist.py",
+    "task1/2d_plot_diffusion_todo/dataset.py", "task1/2d_plot_diffusion_todo/ddpm_tutorial.ipynb",
+    "task1/2d_plot_diffusion_todo/ddpm.py", "task1/2d_plot_diffusion_todo/network.py",
+    "task1/image_diffusion_todo/dataset.py", "task1/image_diffusion_todo/model.py",
+    "task1/image_diffusion_todo/module.py", "task1/image_diffusion_todo/network.py",
+    "task1/image_diffusion_todo/sampling.py", "task1/image_diffusion_todo/scheduler.py",
+    "task1/image_diffusion_todo/train.py",
+    "task2/123_task2-1_lora_weight.txt", "task2/123_task2-2_lora_weight.txt",
+]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "report" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pdf_text(path):
+    import fitz
+    with fitz.open(path) as doc:
+        # flags=0: ligatures expanded; whitespace joined, so a line break inside a phrase does not matter
+        text = " ".join(" ".join(page.get_text(flags=0) for page in doc).split())
+        return doc.page_count, text, sum(len(p.get_images()) for p in doc)
+
+
+def fixture_grid(folder):
+    """A results.json in fid_grid.py's schema with numbers no real run gives: FID 700 + 10 i + eta."""
+    ddim = [{"steps": s, "eta": eta, "spacing": "leading", "fid": 700 + 10 * i + eta, "kid": 0.001 * i,
+             "kid_se": 0.002, "seconds": 1.0} for i, s in enumerate(STEPS) for eta in ETAS]
+    results = {"num_samples": 500, "num_gt": 500, "seed": 63, "T": 1000, "steps": STEPS, "etas": ETAS,
+               "timestep_spacing": "leading", "extra_spacings": [], "extra_steps": [],
+               "floor": {"fid": 611.25, "kid": 0.0, "kid_se": 0.001},
+               "ddpm": {"steps": 1000, "fid": 633.75, "kid": 0.003, "kid_se": 0.002, "seconds": 9.0},
+               "ddim": ddim,
+               "comparisons": [{"a": "DDPM", "b": "floor (real vs. real)", "kid_difference": 0.0037,
+                                "se": 0.0011, "z": 3.36}],
+               "dpm_solver": [{"order": 2, "spacing": "leading", "steps": 7, "fid": 655.5, "kid": 0.01,
+                               "kid_se": 0.002, "seconds": 0.5}]}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder / "results.json", [f"{c['fid']:.2f}" for c in ddim]
+
+
+def fixture_run(folder, colour):
+    (folder / "validation").mkdir(parents=True)
+    Image.new("RGB", (128, 32), colour).save(folder / "validation" / "final.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The report built twice: from fixture results (a grid and two Task 2 runs), and with none."""
+    build = load("build_report")
+    tmp = tmp_path_factory.mktemp("report")
+    grid, cells = fixture_grid(tmp / "grid")
+    with_results = tmp / "with" / "report.pdf"
+    with_results.parent.mkdir()
+    build.main(["--grid_results", str(grid), "--lora_run", str(fixture_run(tmp / "lora", "red")),
+                "--dreambooth_run", str(fixture_run(tmp / "db", "blue")),
+                "--out_md", str(with_results.with_suffix(".md")), "--out_pdf", str(with_results)])
+    without = tmp / "without" / "report.pdf"
+    without.parent.mkdir()
+    build.main(["--lora_run", str(tmp / "none"), "--dreambooth_run", str(tmp / "none"),
+                "--out_md", str(without.with_suffix(".md")), "--out_pdf", str(without)])
+    return {"with": pdf_text(with_results), "without": pdf_text(without), "cells": cells}
+
+
+def test_report_holds_the_rubric_and_the_fixture_numbers(built):
+    pages, text, images = built["with"]
+    assert pages >= 4
+    for heading in RUBRIC_HEADINGS:
+        assert heading in text, heading
+    # the FID table in the course's shape: all 20 cells of the fixture, the DDPM and floor FIDs
+    for cell in built["cells"]:
+        assert cell in text, cell
+    assert "633.75" in text and "611.25" in text and "3.4" in text  # DDPM, floor, the comparison's z
+    assert "655.50" in text  # the grid's DPM-Solver++ row
+    assert "CPU stand-in, not AFHQ" not in text
+    assert "Not run yet: generated images" not in text
+    assert "Left to right: real" not in text  # the stand-in's sample grids are not shown with a user's grid
+
+
+def test_report_without_results_labels_the_stand_in_and_names_the_commands(built):
+    _, text, _ = built["without"]
+    assert "CPU stand-in, not AFHQ" in text
+    assert "sh scripts/train_lora_custom.sh" in text and "sh scripts/train_dreambooth_lora.sh" in text
+    # the course's bars: one row per committed seed file, read from report/results_2d_course*.json
+    runs = [json.loads(p.read_text()) for p in (ROOT / "report").glob("results_2d_course*.json")]
+    for run in runs:
+        assert f"{run['ddpm']['cd']:.2f}" in text
+    assert f"of {len(runs)}" in text
+
+
+def test_committed_report_is_built():
+    pages, text, _ = pdf_text(ROOT / "report" / "report.pdf")
+    assert pages >= 4 and all(heading in text for heading in RUBRIC_HEADINGS)
+    assert (ROOT / "report" / "report.md").read_text().startswith("<!-- Generated by report/build_report.py")
+
+
+def run_submission(tmp_path, *args):
+    return subprocess.run([sys.executable, ROOT / "report" / "make_submission.py", *map(str, args)],
+                          cwd=tmp_path, capture_output=True, text=True)
+
+
+def test_submission_zip_has_the_course_layout(tmp_path):
+    result = run_submission(tmp_path, "--id", "123", "--lora_link_1", "https://example.org/a",
+                            "--lora_link_2", "https://example.org/b", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    with zipfile.ZipFile(tmp_path / "123_lab2.zip") as archive:
+        infos = archive.infolist()
+        names = [i.filename for i in infos]
+        assert set(COURSE_TREE) <= set(names)
+        assert archive.read("task2/123_task2-1_lora_weight.txt").decode().strip() == "https://example.org/a"
+        assert archive.read("task2/123_task2-2_lora_weight.txt").decode().strip() == "https://example.org/b"
+    for info in infos:
+        assert info.file_size <= 5 * 1024 * 1024, info.filename
+        assert not info.filename.endswith((".ckpt", ".safetensors", ".pt", ".pth", ".png", ".jpg")), info.filename
+        assert not {"data", "results", "runs", "sample_data", "__pycache__"} & set(Path(info.filename).parts)
+        top = info.filename.split("/")[0]
+        assert top in ("report.pdf", "task1", "task2")
+    assert [n for n in names if n.startswith("task2/")] == COURSE_TREE[-2:]
+
+
+def test_submission_refuses_missing_links_and_a_missing_pdf(tmp_path):
+    missing_link = run_submission(tmp_path, "--id", "123", "--lora_link_1", "https://example.org/a", "--out", tmp_path)
+    assert missing_link.returncode == 1 and "LORA_LINK_2" in missing_link.stderr
+    assert len(missing_link.stderr.strip().splitlines()) == 1 and "Traceback" not in missing_link.stderr
+    fake_root = tmp_path / "clone"
+    shutil.copytree(ROOT / "task1" / "2d_plot_diffusion_todo", fake_root / "task1" / "2d_plot_diffusion_todo",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    no_pdf = run_submission(tmp_path, "--id", "123", "--lora_link_1", "a", "--lora_link_2", "b",
+                            "--out", tmp_path, "--root", fake_root)
+    assert no_pdf.returncode == 1 and "make report" in no_pdf.stderr
+    assert len(no_pdf.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.zip*"))
+
+
+def test_readme_is_a_first_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250
+    for readme in ["task1/2d_plot_diffusion_todo/README.md", "task1/image_diffusion_todo/README.md", "task2/README.md"]:
+        assert (ROOT / readme).exists() and f"({readme})" in "\n".join(lines)
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="dash is not installed")
+def test_fid_grid_script_help_under_dash():
+    script = ROOT / "task1" / "image_diffusion_todo" / "experiments" / "fid_grid.sh"
+    result = subprocess.run(["dash", script, "--help"], capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    assert "sh experiments/fid_grid.sh CKPT GT_DIR" in result.stdout and "--ckpt_path" in result.stdout
