@@ -309,7 +309,9 @@ def training_grid(kind, data_dir, figures_dir):
     fig.savefig(out, dpi=100, metadata={"Software": None})
     plt.close(fig)
     where = os.path.relpath(Path(data_dir).resolve(), ROOT)
-    captions = "with one caption each in metadata.jsonl" if items[0][1] else "without captions"
+    captions = ("with one caption each in metadata.jsonl" if items[0][1] else
+                "all captioned with the instance prompt \"a photo of a sks cat\" (train_dreambooth_lora.sh's default)"
+                if kind == "dreambooth" else "without captions")
     description = (f"`{where}`: {len(items)} images ({', '.join(sorted(sizes))}), {captions}"
                    f"{'' if len(shown) == len(items) else f'; the first {len(shown)} shown'}.")
     return description + "\n\n" + figure(out, f"Training images of {where}" + (" with their captions" if items[0][1] else ""))
