@@ -4,14 +4,13 @@
     python report/build_report.py --grid_results task1/image_diffusion_todo/results/fid_grid/results.json \
         --lora_run task2/runs/artistic_custom --dreambooth_run task2/runs/dreambooth_cat
 
-Each `{{name}}` in the template is replaced by what `fill(name)` returns: a number, a table or a figure
-read from a results file. Your own results win over the committed ones when they exist: the AFHQ grid's
+Each `{{name}}` in the template is replaced by what the function of that name in `fill_values` returns:
+a number, a table or a figure read from a results file. Your own results win over the committed ones when they exist: the AFHQ grid's
 results.json (else the CPU stand-in's, labelled as such) and the validation images of your Task 2 runs
 (else a placeholder naming the command that makes them). The markdown is then rendered with PyMuPDF:
 maths ($...$, $$...$$) as images drawn by matplotlib's mathtext, page numbers added at the end.
 """
 import argparse
-import glob
 import hashlib
 import html
 import json
@@ -178,9 +177,8 @@ def dpm_solver_2d():
         if r.get("dpm_solver"):
             runs.append(r)
     if not runs:
-        return placeholder("the DPM-Solver++ rows of Task 1-1",
-                           "cd task1/2d_plot_diffusion_todo && python run_experiment.py --recipe course --seed 0 "
-                           "--out ../../results/2d_course (copy results.json to report/results_2d_course.json)")
+        return placeholder("the DPM-Solver++ rows of Task 1-1 (a dpm_solver entry in report/results_2d_*.json)",
+                           "python run_experiment.py --recipe course --seed 0 --out OUT")
     rows = [[r["recipe"], r["seed"], d["order"], d["timestep_spacing"], d["steps"],
              f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])}"] for r in runs for d in r["dpm_solver"]]
     return table(["recipe", "seed", "order", "spacing", "steps", "CD mean ± SE"], rows)
@@ -291,7 +289,7 @@ def training_grid(kind, data_dir, figures_dir):
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    items = training_images(data_dir)
+    items = training_images(data_dir) if Path(data_dir).is_dir() else []
     if not items:
         return placeholder(f"training images in {data_dir}", "a folder of .png/.jpg images")
     shown = items[:8]
@@ -327,8 +325,8 @@ def generated(kind, run_dir):
     if image is None:
         return placeholder(f"generated images of the {'LoRA' if kind == 'lora' else 'DreamBooth + LoRA'} run "
                            f"(its validation/final.png)", command)
-    return figure(image, f"Generated after training: {image.relative_to(image.parents[2]) if len(image.parents) > 2 else image}; "
-                         f"validation prompt as set in the run (the wrapper's default: {prompt})")
+    return figure(image, f"Validation images after training, {image.parent.parent.name}/validation/{image.name}; "
+                         f"the run's validation prompt (the wrapper's default: {prompt})")
 
 
 # ------------------------------------------------------------------------------------------------
