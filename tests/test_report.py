@@ -188,3 +188,20 @@ def test_readme_numbers_come_from_the_results_files():
     assert f"floor of {improved['floor_cd']:.3f}" in readme
     demo = json.loads((report / "results_image_demo.json").read_text())
     assert f"DDPM FID {demo['ddpm']['fid']:.1f} against a floor of {demo['floor']['fid']:.1f}" in readme
+
+
+def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
+    """The few-step table of Task 1-1 reads the "dpm_solver" key of report/results_2d_*.json."""
+    build = load("build_report")
+    for path in (ROOT / "report").glob("results_2d_*.json"):
+        run = json.loads(path.read_text())
+        run.pop("dpm_solver", None)
+        (tmp_path / path.name).write_text(json.dumps(run))
+    build.REPORT_DIR = tmp_path
+    assert "Not run yet" in build.dpm_solver_2d()
+    run = json.loads((tmp_path / "results_2d_course.json").read_text())
+    run["dpm_solver"] = [{"order": 2, "timestep_spacing": "trailing", "steps": 7, "cd_mean": 123.456,
+                          "cd_se": 7.891, "cds": [120.0, 126.9]}]
+    (tmp_path / "results_2d_course.json").write_text(json.dumps(run))
+    rows = build.dpm_solver_2d()
+    assert "| course | 0 | 2 | trailing | 7 | 123.46 ± 7.89 |" in rows
