@@ -32,9 +32,9 @@ test: $(STAMP)
 
 # The report: report/report_template.md filled from the results files (yours when they exist:
 # task1/image_diffusion_todo/results/fid_grid/results.json, task2/runs/*/validation/) ->
-# report/report.md -> report/report.pdf.
+# report/report.md -> report/report.pdf. REPORT_FLAGS passes flags on, e.g. --lora_run DIR (see --help).
 report: $(STAMP)
-	$(PYTHON) report/build_report.py
+	$(PYTHON) report/build_report.py $(REPORT_FLAGS)
 
 # The course's zip, <ID>_lab2.zip: report.pdf, Task 1's code, and the two LoRA links in task2/.
 # Standard library only: no virtual environment needed.
