@@ -44,7 +44,7 @@ code { font-family: monospace; font-size: 8.5pt; }
 pre { font-family: monospace; font-size: 8pt; background-color: #f2f2f2; padding: 4pt; }
 table { margin: 4pt 0; }
 th, td { font-size: 8.5pt; padding: 1pt 4pt; border-bottom: 0.5pt solid #999; text-align: right; }
-th { background-color: #e8e8e8; }
+th { border-bottom: 0.8pt solid #333; }
 p.caption { font-size: 8.5pt; color: #444; }
 p.placeholder { border: 0.5pt solid #c00; padding: 4pt; color: #800; }
 """
