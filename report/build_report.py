@@ -429,28 +429,42 @@ def markdown_to_html(markdown, md_dir, math_dir):
     return re.sub(r'<img src="([^"]+)" alt="([^"]*)" ?/?>', size_image, body)
 
 
-def html_to_pdf(body, pdf_path):
+def paginate(body, raw_path, bottom_margin):
+    """Lay the HTML out on A4 pages -> raw_path. False when MuPDF placed something below a page's text
+    area (it can, after a table that ends at the foot of a page), where it would be cut off."""
     import fitz  # PyMuPDF
 
     # img src paths are absolute; the archive is the file system root, so drop the leading "/"
     story = fitz.Story(html=re.sub(r'src="/', 'src="', body), user_css=CSS, archive=fitz.Archive("/"))
     page = fitz.paper_rect("a4")
-    where = page + (PAGE_MARGIN, PAGE_MARGIN, -PAGE_MARGIN, -PAGE_MARGIN)
+    where = page + (PAGE_MARGIN, PAGE_MARGIN, -PAGE_MARGIN, -bottom_margin)
+    writer = fitz.DocumentWriter(str(raw_path))
+    fits, more = True, True
+    while more:
+        device = writer.begin_page(page)
+        more, filled = story.place(where)
+        # filled = (x0, y0, x1, y1); a last element's bottom margin may end a little below the text area,
+        # still above the page number
+        fits &= filled[3] <= where.y1 + PAGE_MARGIN / 3
+        story.draw(device)
+        writer.end_page()
+    writer.close()
+    return fits
+
+
+def html_to_pdf(body, pdf_path):
+    """Paginate (a larger bottom margin until nothing is cut off), number the pages, save atomically."""
+    import fitz  # PyMuPDF
+
     pdf_path = Path(pdf_path)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "raw.pdf"
-        writer = fitz.DocumentWriter(str(raw))
-        more = True
-        while more:
-            device = writer.begin_page(page)
-            more, _ = story.place(where)
-            story.draw(device)
-            writer.end_page()
-        writer.close()
+        if not any(paginate(body, raw, PAGE_MARGIN + extra) for extra in range(0, 121, 10)):
+            raise RuntimeError("build_report.py: the layout cuts content off at every bottom margin tried")
         doc = fitz.open(raw)
         for i, p in enumerate(doc):
             text = f"{i + 1} / {doc.page_count}"
-            p.insert_text((page.width / 2 - 3 * len(text), page.height - PAGE_MARGIN / 2), text, fontsize=8)
+            p.insert_text((p.rect.width / 2 - 3 * len(text), p.rect.height - PAGE_MARGIN / 2), text, fontsize=8)
         doc.set_metadata({"title": "DDIM and LoRA: report", "creationDate": "", "modDate": "", "producer": ""})
         pages = doc.page_count
         partial = pdf_path.with_name(pdf_path.name + ".tmp")  # same folder, so the rename is atomic
