@@ -93,9 +93,8 @@ def check_state_files(path, num_processes):
 
 
 def register_lora_checkpoint_hooks(accelerator, unet, text_encoder=None):
-    """Make ``accelerator.save_state``/``load_state`` store the LoRA tensors only, instead of every
-    weight of the UNet (3.4 GB for SD 1.4). accelerate saves the optimizer, the schedule and the
-    random states itself."""
+    """Make ``accelerator.save_state``/``load_state`` store the LoRA tensors only, not every frozen
+    weight of the UNet. accelerate saves the optimizer, the schedule and the random states itself."""
 
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:

@@ -1,8 +1,11 @@
 """Training images: which files count as images, the checks run before training, and the transform
 from a PIL image to the VAE's input."""
+import contextlib
 import json
+import secrets
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageOps
 
 from cli import UsageError
@@ -90,3 +93,25 @@ def image_transforms(args):
         transforms.ToTensor(),
         transforms.Normalize([0.5], [0.5]),
     ])
+
+
+class SampleRandomness:
+    """The random draws of a data set's item (crop, flip, caption) seeded from (seed, epoch, index).
+
+    They then depend only on which item of which epoch is loaded, not on when or where: accelerate
+    loads one batch ahead of the one it trains on, workers have their own RNG, and a run resumed
+    mid-epoch never loads the batches it skips. The global RNG, which draws the noise, is left as it was.
+    """
+
+    def __init__(self, seed=None):
+        self.seed = secrets.randbits(32) if seed is None else seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @contextlib.contextmanager
+    def of_item(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)))
+            yield

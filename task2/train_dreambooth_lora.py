@@ -131,22 +131,30 @@ def draw_class_images(args, accelerator, paths):
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Item i: instance image i mod N with the instance prompt, and with prior preservation class
     image i mod M with the class prompt. Length max(N, M), so every image is seen each epoch.
-    Images are turned upright by their EXIF orientation before ``transform``."""
+    Images are turned upright by their EXIF orientation before ``transform``, whose random crop and
+    flip are seeded per item and epoch (images.SampleRandomness)."""
 
-    def __init__(self, instance_images, instance_ids, class_images, class_ids, transform):
+    def __init__(self, instance_images, instance_ids, class_images, class_ids, transform, seed=None):
         self.instance_images, self.instance_ids = instance_images, instance_ids
         self.class_images, self.class_ids = class_images, class_ids
         self.transform = transform
+        self.randomness = images.SampleRandomness(seed)
 
     def __len__(self):
         return max(len(self.instance_images), len(self.class_images))
 
+    def set_epoch(self, epoch):
+        self.randomness.set_epoch(epoch)
+
     def __getitem__(self, i):
-        example = {"instance_pixels": self.transform(images.load_image(self.instance_images[i % len(self.instance_images)])),
-                   "instance_ids": self.instance_ids}
-        if self.class_images:
-            example["class_pixels"] = self.transform(images.load_image(self.class_images[i % len(self.class_images)]))
-            example["class_ids"] = self.class_ids
+        """{"instance_pixels": [3, H, W], "instance_ids": [L]}, and "class_pixels", "class_ids" likewise."""
+        instance = images.load_image(self.instance_images[i % len(self.instance_images)])
+        with self.randomness.of_item(i):
+            example = {"instance_pixels": self.transform(instance), "instance_ids": self.instance_ids}
+            if self.class_images:
+                class_image = images.load_image(self.class_images[i % len(self.class_images)])
+                example["class_pixels"] = self.transform(class_image)
+                example["class_ids"] = self.class_ids
         return example
 
 
@@ -158,7 +166,7 @@ def training_dataset(args, tokenizer):
     return DreamBoothDataset(
         images.list_images(args.instance_data_dir), models.tokenize(tokenizer, args.instance_prompt)[0],
         class_images, models.tokenize(tokenizer, args.class_prompt)[0] if class_images else None,
-        images.image_transforms(args))
+        images.image_transforms(args), args.seed)
 
 
 def collate(examples):

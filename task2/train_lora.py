@@ -12,7 +12,6 @@ folder), e.g.  cd task2 && sh scripts/train_lora_custom.sh
 The result is OUTPUT_DIR/pytorch_lora_weights.safetensors, which
 StableDiffusionPipeline.load_lora_weights(OUTPUT_DIR) loads.
 """
-import random
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ def parse_args(argv=None):
                       help="A Hugging Face hub dataset (lambdalabs/naruto-blip-captions) or a local dataset folder.")
     data.add_argument("--dataset_config_name", default=None, help="The dataset's configuration, if it has several.")
     data.add_argument("--train_data_dir", default=None,
-                      help="An image folder with metadata.jsonl (datasets' imagefolder), e.g. sample_data/artistic-custom.")
+                      help="An image folder with metadata.jsonl (datasets' imagefolder layout).")
     data.add_argument("--image_column", default="image", help="Dataset column holding the images.")
     data.add_argument("--caption_column", default="text", help="Dataset column holding the captions.")
     data.add_argument("--max_train_samples", type=int, default=None,
@@ -86,18 +85,36 @@ def load_captioned_images(args):
     return dataset
 
 
+class CaptionedImages(torch.utils.data.Dataset):
+    """A datasets.Dataset as the model sees it: item i holds ``pixel_values`` [3, H, W] in [-1, 1] (the
+    image upright, resized and cropped) and ``input_ids`` [tokenizer.model_max_length] (its caption, or
+    one of its captions at random); the random draws are seeded per item and epoch (images.SampleRandomness)."""
+
+    def __init__(self, args, dataset, tokenizer):
+        self.dataset, self.tokenizer = dataset, tokenizer
+        self.image_column, self.caption_column = args.image_column, args.caption_column
+        self.transform = images.image_transforms(args)
+        self.randomness = images.SampleRandomness(args.seed)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch):
+        self.randomness.set_epoch(epoch)
+
+    def __getitem__(self, i):
+        row = self.dataset[i]
+        caption = row[self.caption_column]
+        with self.randomness.of_item(i):
+            if not isinstance(caption, str):
+                caption = caption[torch.randint(len(caption), ()).item()]
+            pixels = self.transform(images.upright_rgb(row[self.image_column]))
+        return {"pixel_values": pixels, "input_ids": models.tokenize(self.tokenizer, [caption])[0]}
+
+
 def training_dataset(args, dataset, tokenizer):
-    """``dataset`` as the model sees it: item i holds ``pixel_values`` [3, H, W] in [-1, 1] (the image
-    upright, resized and cropped) and ``input_ids`` [tokenizer.model_max_length] (its caption, or one
-    of its captions at random)."""
-    to_tensor = images.image_transforms(args)
-
-    def preprocess(examples):
-        captions = [c if isinstance(c, str) else random.choice(c) for c in examples[args.caption_column]]
-        return {"pixel_values": [to_tensor(images.upright_rgb(image)) for image in examples[args.image_column]],
-                "input_ids": models.tokenize(tokenizer, captions)}
-
-    return dataset.with_transform(preprocess)
+    """The data set the loop trains on, as train_dreambooth_lora.training_dataset gives it."""
+    return CaptionedImages(args, dataset, tokenizer)
 
 
 def collate(examples):

@@ -98,10 +98,10 @@ def prepare(args, accelerator, sd, optimizer, max_train_steps):
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    models = [sd.unet, sd.text_encoder] if args.train_text_encoder else [sd.unet]
-    *models, optimizer, lr_scheduler = accelerator.prepare(*models, optimizer, lr_scheduler)
-    register_lora_checkpoint_hooks(accelerator, *models)
-    return models, optimizer, lr_scheduler
+    trained_models = [sd.unet, sd.text_encoder] if args.train_text_encoder else [sd.unet]
+    *trained_models, optimizer, lr_scheduler = accelerator.prepare(*trained_models, optimizer, lr_scheduler)
+    register_lora_checkpoint_hooks(accelerator, *trained_models)
+    return trained_models, optimizer, lr_scheduler
 
 
 def resume(args, accelerator):
@@ -121,17 +121,17 @@ def resume(args, accelerator):
     return global_step
 
 
-def training_step(args, accelerator, sd, models, batch, optimizer, lr_scheduler, compute_loss):
+def training_step(args, accelerator, sd, trained_models, batch, optimizer, lr_scheduler, compute_loss):
     """One forward and backward pass on ``batch`` (``pixel_values`` [B, 3, H, W] in [-1, 1],
     ``input_ids`` [B, L]), and an optimizer step once --gradient_accumulation_steps batches are summed.
     Returns the loss as a scalar tensor."""
-    with accelerator.accumulate(*models):
+    with accelerator.accumulate(*trained_models):
         latents = sd.vae.encode(batch["pixel_values"].to(sd.vae.dtype)).latent_dist.sample()
         latents = latents * sd.vae.config.scaling_factor
         noisy_latents, timesteps, target = noise_and_target(sd.noise_scheduler, latents, args.noise_offset)
-        text_encoder = models[1] if args.train_text_encoder else sd.text_encoder
+        text_encoder = trained_models[1] if args.train_text_encoder else sd.text_encoder
         encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-        model_pred = models[0](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+        model_pred = trained_models[0](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
         loss = compute_loss(model_pred, target, timesteps)
 
         accelerator.backward(loss)
@@ -156,7 +156,7 @@ def train(args, accelerator, sd, train_dataloader, optimizer, compute_loss):
     # Shard the batches first: the epoch length and the schedule count the batches of one process.
     train_dataloader = accelerator.prepare(train_dataloader)
     steps_per_epoch, max_train_steps, num_epochs = training_length(args, len(train_dataloader))
-    models, optimizer, lr_scheduler = prepare(args, accelerator, sd, optimizer, max_train_steps)
+    trained_models, optimizer, lr_scheduler = prepare(args, accelerator, sd, optimizer, max_train_steps)
     global_step = resume(args, accelerator)
     accelerator.print(f"{accelerator.num_processes} process(es), {steps_per_epoch} steps per epoch, "
                       f"training from step {global_step} to {max_train_steps}.")
@@ -167,15 +167,17 @@ def train(args, accelerator, sd, train_dataloader, optimizer, compute_loss):
     for epoch in range(first_epoch, num_epochs):
         if global_step >= max_train_steps:
             break
-        for model in models:
+        for model in trained_models:
             model.train()
         train_dataloader.set_epoch(epoch)
+        # accelerate passes the epoch on to the data set only in some configurations.
+        train_dataloader.dataset.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and global_step % steps_per_epoch:
             done = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
             batches = accelerator.skip_first_batches(train_dataloader, done)
         for batch in batches:
-            loss = training_step(args, accelerator, sd, models, batch, optimizer, lr_scheduler, compute_loss)
+            loss = training_step(args, accelerator, sd, trained_models, batch, optimizer, lr_scheduler, compute_loss)
             # The logged loss: the mean over processes and accumulated batches of this step.
             step_loss += accelerator.reduce(loss.detach(), reduction="mean").item() / args.gradient_accumulation_steps
             if accelerator.sync_gradients:
@@ -189,8 +191,8 @@ def train(args, accelerator, sd, train_dataloader, optimizer, compute_loss):
         # The last epoch is validated after training, from the saved file.
         if (args.validation_prompt and accelerator.is_main_process and global_step < max_train_steps
                 and (epoch + 1) % args.validation_epochs == 0):
-            validate_during_training(args, accelerator, sd, models, f"epoch_{epoch + 1:04d}", global_step)
-    finish(args, accelerator, sd, models, global_step)
+            validate_during_training(args, accelerator, sd, trained_models, f"epoch_{epoch + 1:04d}", global_step)
+    finish(args, accelerator, sd, trained_models, global_step)
 
 
 def log_step(accelerator, progress, global_step, loss, learning_rate):
@@ -199,19 +201,19 @@ def log_step(accelerator, progress, global_step, loss, learning_rate):
     progress.set_postfix(loss=f"{loss:.4f}", lr=learning_rate)
 
 
-def validate_during_training(args, accelerator, sd, models, name, step):
-    text_encoder = models[1] if args.train_text_encoder else sd.text_encoder
-    pipeline = validation_pipeline(args, accelerator, unet=accelerator.unwrap_model(models[0]),
+def validate_during_training(args, accelerator, sd, trained_models, name, step):
+    text_encoder = trained_models[1] if args.train_text_encoder else sd.text_encoder
+    pipeline = validation_pipeline(args, accelerator, unet=accelerator.unwrap_model(trained_models[0]),
                                    text_encoder=accelerator.unwrap_model(text_encoder), vae=sd.vae,
                                    tokenizer=sd.tokenizer)
     log_validation(args, accelerator, pipeline, name, step)
 
 
-def finish(args, accelerator, sd, models, global_step):
+def finish(args, accelerator, sd, trained_models, global_step):
     """Save the LoRA file; validate as a user would: the base model from its files, then the saved file."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora_weights(args.output_dir, *[accelerator.unwrap_model(model) for model in models])
+        save_lora_weights(args.output_dir, *[accelerator.unwrap_model(model) for model in trained_models])
         accelerator.print(f"Finished at step {global_step}: LoRA weights saved to "
                           f"{Path(args.output_dir) / LORA_WEIGHTS_NAME}")
         if args.validation_prompt:

@@ -60,8 +60,8 @@ def test_wrapper_with_bad_input_prints_one_line_and_exits(case, tiny_model, earl
                     f"or replace it with --overwrite_output_dir")
     before = tree_digest(earlier_run)
     result = run_wrapper(TASK2 / "scripts" / "train_lora_custom.sh", env,
-                         ["--resolution=32", "--max_train_steps=1", "--num_inference_steps=1", "--num_validation_images=1"],
-                         tmp_path / "hf")
+                         ["--resolution=32", "--max_train_steps=1", "--num_inference_steps=1",
+                          "--num_validation_images=1"], tmp_path / "hf")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [expected]
     assert "Traceback" not in result.stdout

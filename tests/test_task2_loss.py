@@ -65,9 +65,10 @@ def test_the_logged_loss_is_the_min_snr_prior_preservation_loss_by_hand(tiny_mod
     dreambooth.main([f"--pretrained_model_name_or_path={tiny_model}", f"--output_dir={out}",
                      f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
                      "--instance_prompt=a photo of sks cat", "--with_prior_preservation",
-                     f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a photo of a cat", "--num_class_images=2",
-                     f"--prior_loss_weight={PRIOR_LOSS_WEIGHT}", "--train_text_encoder", "--gradient_accumulation_steps=2",
-                     "--gradient_checkpointing", f"--snr_gamma={SNR_GAMMA}", "--mixed_precision=bf16", "--random_flip",
+                     f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a photo of a cat",
+                     "--num_class_images=2", f"--prior_loss_weight={PRIOR_LOSS_WEIGHT}", "--train_text_encoder",
+                     "--gradient_accumulation_steps=2", "--gradient_checkpointing", f"--snr_gamma={SNR_GAMMA}",
+                     "--mixed_precision=bf16", "--random_flip",
                      "--num_train_epochs=1", "--dataloader_num_workers=1", "--resolution=32", "--num_inference_steps=2",
                      "--learning_rate=1e-3", "--seed=0"])
 

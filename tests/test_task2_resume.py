@@ -72,8 +72,8 @@ def test_a_new_run_into_a_used_folder_is_refused_unless_overwrite(tiny_model, ru
     shutil.copytree(runs["a"], used)
     before = tree_digest(used)
     train_lora_module = load_module(TASK2, "train_lora")
-    flags = [f"--pretrained_model_name_or_path={tiny_model}", f"--output_dir={used}", f"--train_data_dir={SAMPLE_STYLE}",
-             "--resolution=32", "--mixed_precision=no", "--max_train_steps=1"]
+    flags = [f"--pretrained_model_name_or_path={tiny_model}", f"--output_dir={used}",
+             f"--train_data_dir={SAMPLE_STYLE}", "--resolution=32", "--mixed_precision=no", "--max_train_steps=1"]
     with pytest.raises(SystemExit) as exit_info:
         train_lora_module.main(flags)
     assert exit_info.value.code == 1
