@@ -24,6 +24,8 @@ LR_SCHEDULERS = ["linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 
 def add_common_args(parser):
     """Add the flags both training scripts take to ``parser``, in --help's groups."""
+    parser.epilog = ("The defaults suit one consumer GPU (batch 1, constant lr 1e-4, no warm-up); "
+                     "scripts/*.sh set the course's values.")
     add_model_args(parser.add_argument_group("model"))
     add_output_args(parser.add_argument_group("output, checkpoints, logging"))
     add_image_args(parser.add_argument_group("images"))
