@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_lora.py                      # SD 1.x-sized networks, random weights
     .venv/bin/python benchmarks/bench_lora.py --model CompVis/stable-diffusion-v1-4   # the real weights
 
-One step is what task2/train_lora.py does per image (task2/utils.py's LoRA, loss and noise): VAE
+One step is what task2/train_lora.py does per image (LoRA, loss, noise: task2/models.py, loss.py): VAE
 encode, text encoder, UNet forward and backward with rank-4 LoRA on the attention projections, an
 AdamW step; 512x512, batch 1. "fp32" is the course's --mixed_precision=no; "fp16" is
 --mixed_precision=fp16 (frozen weights in half precision, autocast, loss scaling, LoRA in fp32).
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "task2"))
-import utils  # noqa: E402
+import models  # noqa: E402
+from loss import diffusion_loss, noise_and_target  # noqa: E402
 
 RESOLUTION = 512
 GIB = 2**30
@@ -72,12 +73,12 @@ def measure(precision, model, steps):
     from diffusers.training_utils import cast_training_params
 
     device = torch.device("cuda")
-    dtype = utils.weight_dtype("fp16" if precision == "fp16" else "no")
+    dtype = models.weight_dtype("fp16" if precision == "fp16" else "no")
     vae, text_encoder, unet, noise_scheduler = sd1_models(model)
     for network in (vae, text_encoder, unet):
         network.requires_grad_(False)
         network.to(device, dtype=dtype)
-    utils.add_lora(unet, 4, utils.UNET_LORA_TARGETS)
+    models.add_lora(unet, 4, models.UNET_LORA_TARGETS)
     cast_training_params(unet, dtype=torch.float32)
     lora_parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_parameters, lr=1e-4)
@@ -90,9 +91,9 @@ def measure(precision, model, steps):
             with torch.no_grad():
                 latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * 0.18215
                 encoder_hidden_states = text_encoder(input_ids)[0]
-            noisy_latents, timesteps, target = utils.noise_and_target(noise_scheduler, latents)
+            noisy_latents, timesteps, target = noise_and_target(noise_scheduler, latents)
             model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-            loss = utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler)
+            loss = diffusion_loss(model_pred, target, timesteps, noise_scheduler)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(lora_parameters, 1.0)

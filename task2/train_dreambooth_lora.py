@@ -19,17 +19,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import utils
+import cli
+import images
+import models
+import options
+import training
+from atomic_write import save_image_atomic
+from loss import diffusion_loss
 
 
 def parse_args(argv=None):
-    parser = utils.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("DreamBooth data")
     data.add_argument("--instance_data_dir", required=True, help="Folder with the photos of the subject.")
     data.add_argument("--instance_prompt", required=True,
                       help='Prompt naming the subject with a rare token, e.g. "a photo of sks cat".')
     data.add_argument("--with_prior_preservation", action="store_true",
-                      help="Also train on class images with --class_prompt (prior-preservation loss).")
+                      help="Also train on class images of --class_prompt (prior-preservation loss).")
     data.add_argument("--class_data_dir", default=None,
                       help="Folder of class images; missing ones are generated there with the base model.")
     data.add_argument("--class_prompt", default=None, help='Prompt for the class, e.g. "a photo of a cat".')
@@ -38,35 +44,38 @@ def parse_args(argv=None):
     data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
     data.add_argument("--prior_generation_precision", default=None, choices=["fp32", "fp16", "bf16"],
-                      help="Precision of the base model generating class images (default: fp16 with "
-                           "--mixed_precision=fp16, else fp32; fp16 needs a CUDA GPU).")
+                      help="Precision of the class-image generation (None: fp16 on a CUDA GPU, else fp32).")
     parser.add_argument("--train_text_encoder", action="store_true",
                         help="Put LoRA adapters on the text encoder's attention too and train them.")
-    utils.add_common_args(parser)
+    options.add_common_args(parser)
     args = parser.parse_args(argv)
 
     instance_dir = Path(args.instance_data_dir)
     if not instance_dir.is_dir():
-        utils.exit_with_error(f"--instance_data_dir {instance_dir} is not a folder")
-    if not utils.list_images(instance_dir):
-        utils.exit_with_error(f"--instance_data_dir {instance_dir} has no images "
-                              f"({', '.join(sorted(utils.IMAGE_EXTENSIONS))})")
-    utils.check_images_readable(instance_dir)
+        raise cli.UsageError(f"--instance_data_dir {instance_dir} is not a folder")
+    if not images.list_images(instance_dir):
+        raise cli.UsageError(f"--instance_data_dir {instance_dir} has no images "
+                             f"({', '.join(sorted(images.IMAGE_EXTENSIONS))})")
+    images.check_images_readable(instance_dir)
     if args.with_prior_preservation:
-        if args.class_data_dir is None or args.class_prompt is None:
-            utils.exit_with_error("--with_prior_preservation needs --class_data_dir and --class_prompt")
-        if Path(args.class_data_dir).exists() and not Path(args.class_data_dir).is_dir():
-            utils.exit_with_error(f"--class_data_dir {args.class_data_dir} is not a folder")
-        if Path(args.class_data_dir).is_dir():
-            utils.check_images_readable(args.class_data_dir)
-        if args.num_class_images < 1 or args.sample_batch_size < 1:
-            utils.exit_with_error("--num_class_images and --sample_batch_size must be at least 1")
-        if args.prior_loss_weight < 0:
-            utils.exit_with_error(f"--prior_loss_weight must be >= 0, got {args.prior_loss_weight}")
-        if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
-            utils.exit_with_error("--prior_generation_precision=fp16 needs a CUDA GPU")
-    utils.check_common_args(args)
+        check_prior_args(args)
+    elif args.class_prompt is not None:
+        raise cli.UsageError("--class_prompt is used only with --with_prior_preservation: add that flag, "
+                             "or drop --class_prompt")
+    options.check_common_args(args)
     return args
+
+
+def check_prior_args(args):
+    if args.class_data_dir is None or args.class_prompt is None:
+        raise cli.UsageError("--with_prior_preservation needs --class_data_dir and --class_prompt")
+    class_dir = Path(args.class_data_dir)
+    if class_dir.exists() and not class_dir.is_dir():
+        raise cli.UsageError(f"--class_data_dir {class_dir} is not a folder")
+    if class_dir.is_dir():
+        images.check_images_readable(class_dir)
+    if args.prior_generation_precision == "fp16" and not torch.cuda.is_available():
+        raise cli.UsageError("--prior_generation_precision=fp16 needs a CUDA GPU")
 
 
 def generate_class_images(args, accelerator):
@@ -74,7 +83,7 @@ def generate_class_images(args, accelerator):
     missing images shared out among the processes."""
     folder = Path(args.class_data_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = {path.name for path in utils.list_images(folder)}
+    existing = {path.name for path in images.list_images(folder)}
     missing = args.num_class_images - len(existing)
     if missing <= 0:
         return
@@ -87,69 +96,65 @@ def generate_class_images(args, accelerator):
             print(f"Generating {len(own_names)} class images of {args.class_prompt!r} in {folder}"
                   + (f" (process {accelerator.process_index} of {accelerator.num_processes})"
                      if accelerator.num_processes > 1 else ""), flush=True)
-            draw_images(args, accelerator, [folder / name for name in own_names])
+            draw_class_images(args, accelerator, [folder / name for name in own_names])
     accelerator.wait_for_everyone()
 
 
-def draw_images(args, accelerator, paths):
-    """Save one base-model image of --class_prompt at each of ``paths``, --sample_batch_size at a time."""
-    precision = args.prior_generation_precision or ("fp16" if args.mixed_precision == "fp16" else "fp32")
-    pipeline = generation_pipeline(args, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32))
+def class_image_dtype(args, cuda_available):
+    """--prior_generation_precision, by default fp16 on a CUDA GPU (as the diffusers example) and fp32 on a CPU."""
+    precision = args.prior_generation_precision or ("fp16" if cuda_available else "fp32")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def draw_class_images(args, accelerator, paths):
+    """Save one base-model image of --class_prompt at each of ``paths``, --sample_batch_size at a time.
+
+    The images are drawn at the model's native size (512 for SD 1.x: smaller images from it are poor)
+    and resized to --resolution with the training images.
+    """
+    pipeline = models.load_pipeline(args, class_image_dtype(args, torch.cuda.is_available()))
     pipeline.to(accelerator.device)
     # Each process its own seed, or they would all draw the same images.
     generator = torch.Generator(device=accelerator.device).manual_seed((args.seed or 0) + accelerator.process_index)
     for start in tqdm(range(0, len(paths), args.sample_batch_size), desc="Class images",
                       disable=not accelerator.is_local_main_process):
         batch_paths = paths[start:start + args.sample_batch_size]
-        images = pipeline([args.class_prompt] * len(batch_paths), height=args.resolution, width=args.resolution,
-                          num_inference_steps=args.num_inference_steps, generator=generator).images
-        for path, image in zip(batch_paths, images):
-            utils.save_image_atomic(image, path)
+        drawn = pipeline([args.class_prompt] * len(batch_paths), num_inference_steps=args.num_inference_steps,
+                         generator=generator).images
+        for path, image in zip(batch_paths, drawn):
+            save_image_atomic(image, path)
     del pipeline
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
-def generation_pipeline(args, dtype):
-    """The base model as a StableDiffusionPipeline without safety checker, for the class images."""
-    from diffusers import StableDiffusionPipeline
-
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **utils.hub_kwargs(args))
-    except (OSError, ValueError) as error:
-        utils.exit_with_error(f"cannot load the model {args.pretrained_model_name_or_path!r}: "
-                              f"{utils.first_line(error)}")
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Item i: instance image i mod N with the instance prompt, and with prior preservation class
     image i mod M with the class prompt. Length max(N, M), so every image is seen each epoch.
-    Images are turned upright by their EXIF orientation before ``transform``."""
+    Images are turned upright by their EXIF orientation before ``transform``, whose random crop and
+    flip are seeded per item and epoch (images.SampleRandomness)."""
 
-    def __init__(self, instance_images, instance_ids, class_images, class_ids, transform):
+    def __init__(self, instance_images, instance_ids, class_images, class_ids, transform, seed=None):
         self.instance_images, self.instance_ids = instance_images, instance_ids
         self.class_images, self.class_ids = class_images, class_ids
         self.transform = transform
+        self.randomness = images.SampleRandomness(seed)
 
     def __len__(self):
         return max(len(self.instance_images), len(self.class_images))
 
-    def load(self, path):
-        try:
-            return self.transform(utils.load_image(path))
-        except OSError as error:
-            utils.exit_with_error(f"cannot read the image {path}: {error}")
+    def set_epoch(self, epoch):
+        self.randomness.set_epoch(epoch)
 
     def __getitem__(self, i):
-        example = {"instance_pixels": self.load(self.instance_images[i % len(self.instance_images)]),
-                   "instance_ids": self.instance_ids}
-        if self.class_images:
-            example["class_pixels"] = self.load(self.class_images[i % len(self.class_images)])
-            example["class_ids"] = self.class_ids
+        """{"instance_pixels": [3, H, W], "instance_ids": [L]}, and "class_pixels", "class_ids" likewise."""
+        instance = images.load_image(self.instance_images[i % len(self.instance_images)])
+        with self.randomness.of_item(i):
+            example = {"instance_pixels": self.transform(instance), "instance_ids": self.instance_ids}
+            if self.class_images:
+                class_image = images.load_image(self.class_images[i % len(self.class_images)])
+                example["class_pixels"] = self.transform(class_image)
+                example["class_ids"] = self.class_ids
         return example
 
 
@@ -157,11 +162,11 @@ def training_dataset(args, tokenizer):
     """The DreamBoothDataset of the instance (and with prior preservation the class) images."""
     class_images = []
     if args.with_prior_preservation:
-        class_images = utils.list_images(args.class_data_dir)[:args.num_class_images]
+        class_images = images.list_images(args.class_data_dir)[:args.num_class_images]
     return DreamBoothDataset(
-        utils.list_images(args.instance_data_dir), utils.tokenize(tokenizer, args.instance_prompt)[0],
-        class_images, utils.tokenize(tokenizer, args.class_prompt)[0] if class_images else None,
-        utils.image_transforms(args))
+        images.list_images(args.instance_data_dir), models.tokenize(tokenizer, args.instance_prompt)[0],
+        class_images, models.tokenize(tokenizer, args.class_prompt)[0] if class_images else None,
+        images.image_transforms(args), args.seed)
 
 
 def collate(examples):
@@ -172,54 +177,61 @@ def collate(examples):
             "input_ids": torch.stack([e[ids] for _, ids in keys for e in examples])}
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def dreambooth_loss(args, noise_scheduler, model_pred, target, timesteps):
+    """Instance loss + prior_loss_weight * class loss (Ruiz et al., Eq. 2), each the noise-prediction
+    MSE of train_lora.py. model_pred, target: [B, 4, h, w]; timesteps: [B]; with prior preservation
+    the first half of the batch is instance examples, the second half class examples (see collate)."""
+    if not args.with_prior_preservation:
+        return diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
+    pred, prior_pred = model_pred.chunk(2)
+    target, prior_target = target.chunk(2)
+    timesteps, prior_timesteps = timesteps.chunk(2)
+    instance_loss = diffusion_loss(pred, target, timesteps, noise_scheduler, args.snr_gamma)
+    prior_loss = diffusion_loss(prior_pred, prior_target, prior_timesteps, noise_scheduler, args.snr_gamma)
+    return instance_loss + args.prior_loss_weight * prior_loss
 
+
+def add_trained_lora(args, sd):
+    """LoRA on the UNet (and with --train_text_encoder the text encoder); the trainable parameters."""
     from diffusers.training_utils import cast_training_params
 
-    accelerator = utils.make_accelerator(args, "train_dreambooth_lora")
-    if args.with_prior_preservation:
-        generate_class_images(args, accelerator)
-
-    tokenizer, noise_scheduler, text_encoder, vae, unet = utils.load_models(args, accelerator)
-    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS, args.lora_dropout)
-    trained_models = [unet]
+    models.add_lora(sd.unet, args.rank, models.UNET_LORA_TARGETS, args.lora_dropout)
+    trained = [sd.unet]
     if args.train_text_encoder:
-        utils.add_lora(text_encoder, args.rank, utils.TEXT_ENCODER_LORA_TARGETS, args.lora_dropout)
-        trained_models.append(text_encoder)
-    cast_training_params(trained_models, dtype=torch.float32)
+        models.add_lora(sd.text_encoder, args.rank, models.TEXT_ENCODER_LORA_TARGETS, args.lora_dropout)
+        trained.append(sd.text_encoder)
+    cast_training_params(trained, dtype=torch.float32)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        sd.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    lora_parameters = [p for model in trained_models for p in model.parameters() if p.requires_grad]
-    trainable, total = utils.count_parameters([unet, vae, text_encoder])
-    accelerator.print(f"Trainable parameters: {trainable} (LoRA, rank {args.rank}) of {total} "
-                      f"({100 * trainable / total:.2f}%)")
+            sd.text_encoder.gradient_checkpointing_enable()
+    return [p for model in trained for p in model.parameters() if p.requires_grad]
 
-    dataset = training_dataset(args, tokenizer)
-    accelerator.print(f"Training on {len(dataset.instance_images)} instance images ({args.instance_prompt!r})"
-                      + (f" and {len(dataset.class_images)} class images ({args.class_prompt!r})"
-                         if dataset.class_images else ""))
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate, num_workers=args.dataloader_num_workers)
-    optimizer = utils.make_optimizer(args, lora_parameters, accelerator.num_processes)
 
-    def compute_loss(model_pred, target, timesteps):
-        """Instance loss + prior_loss_weight * class loss (Ruiz et al., Eq. 2), each the noise-prediction
-        MSE of train_lora.py. model_pred, target: [B, 4, h, w]; timesteps: [B]; with prior preservation
-        the first half of the batch is instance examples, the second half class examples (see collate)."""
-        if not args.with_prior_preservation:
-            return utils.diffusion_loss(model_pred, target, timesteps, noise_scheduler, args.snr_gamma)
-        pred, prior_pred = model_pred.chunk(2)
-        target, prior_target = target.chunk(2)
-        timesteps, prior_timesteps = timesteps.chunk(2)
-        instance_loss = utils.diffusion_loss(pred, target, timesteps, noise_scheduler, args.snr_gamma)
-        prior_loss = utils.diffusion_loss(prior_pred, prior_target, prior_timesteps, noise_scheduler, args.snr_gamma)
-        return instance_loss + args.prior_loss_weight * prior_loss
+def main(argv=None):
+    with cli.usage_errors_exit():
+        args = parse_args(argv)
+        options.check_output_dir_free(args)
+        accelerator = training.make_accelerator(args, "train_dreambooth_lora")
+        if args.with_prior_preservation:
+            generate_class_images(args, accelerator)
+        sd = models.load_models(args, accelerator)
+        lora_parameters = add_trained_lora(args, sd)
+        trainable, total = models.count_parameters([sd.unet, sd.vae, sd.text_encoder])
+        accelerator.print(f"Trainable parameters: {trainable} (LoRA, rank {args.rank}) of {total} "
+                          f"({100 * trainable / total:.2f}%)")
 
-    utils.train(args, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler, train_dataloader, optimizer,
-                compute_loss, train_text_encoder=args.train_text_encoder)
+        dataset = training_dataset(args, sd.tokenizer)
+        accelerator.print(f"Training on {len(dataset.instance_images)} instance images ({args.instance_prompt!r})"
+                          + (f" and {len(dataset.class_images)} class images ({args.class_prompt!r})"
+                             if dataset.class_images else ""))
+        train_dataloader = training.make_dataloader(args, dataset, collate)
+        optimizer = training.make_optimizer(args, lora_parameters, accelerator.num_processes)
+
+        def compute_loss(model_pred, target, timesteps):
+            return dreambooth_loss(args, sd.noise_scheduler, model_pred, target, timesteps)
+
+        training.train(args, accelerator, sd, train_dataloader, optimizer, compute_loss)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Task 2: the folder of a tiny Stable Diffusion pipeline (tests/task2_tiny_pipeline.py), built once
+    per session; tests must not change it."""
+    from task2_tiny_pipeline import tiny_pipeline_dir
+
+    return tiny_pipeline_dir(tmp_path_factory)

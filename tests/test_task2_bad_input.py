@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from conftest import TASK2, load_module
-from task2_tiny_pipeline import run_wrapper, tiny_pipeline_dir, tree_digest
+from task2_tiny_pipeline import run_wrapper, tree_digest
 
 SAMPLE_STYLE = TASK2 / "sample_data" / "artistic-custom"
 SAMPLE_CAT = TASK2 / "sample_data" / "dreambooth-cat"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +19,15 @@ def checkpoints(tiny_model, tmp_path_factory):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    utils = load_module(TASK2, "utils")
+    models = load_module(TASK2, "models")
+    lora_weights = load_module(TASK2, "lora_weights")
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
-    utils.add_lora(unet, 4, utils.UNET_LORA_TARGETS)
-    utils.add_lora(text_encoder, 4, utils.TEXT_ENCODER_LORA_TARGETS)
+    models.add_lora(unet, 4, models.UNET_LORA_TARGETS)
+    models.add_lora(text_encoder, 4, models.TEXT_ENCODER_LORA_TARGETS)
     folder = tmp_path_factory.mktemp("checkpoints")
-    utils.save_lora_weights(folder / "unet", unet)
-    utils.save_lora_weights(folder / "unet+text_encoder", unet, text_encoder)
+    lora_weights.save_lora_weights(folder / "unet", unet)
+    lora_weights.save_lora_weights(folder / "unet+text_encoder", unet, text_encoder)
     return folder
 
 
@@ -45,15 +41,27 @@ def earlier_run(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("case", ["missing data folder", "NUM_PROCESSES not a number"])
+@pytest.mark.parametrize("case", ["missing data folder", "NUM_PROCESSES not a number", "MIXED_PRECISION fp8",
+                                  "a second run into OUTPUT_DIR"])
 def test_wrapper_with_bad_input_prints_one_line_and_exits(case, tiny_model, earlier_run, tmp_path):
     env = {"MODEL_NAME": str(tiny_model), "TRAIN_DATA_DIR": str(tmp_path / "missing"), "OUTPUT_DIR": str(earlier_run)}
     expected = f"error: --train_data_dir {tmp_path / 'missing'} is not a folder"
     if case == "NUM_PROCESSES not a number":
         env.update(TRAIN_DATA_DIR=str(SAMPLE_STYLE), NUM_PROCESSES="two")
         expected = "error: NUM_PROCESSES must be a positive integer, got 'two'"
+    elif case == "MIXED_PRECISION fp8":
+        env.update(TRAIN_DATA_DIR=str(SAMPLE_STYLE), MIXED_PRECISION="fp8")
+        expected = "error: MIXED_PRECISION must be no, fp16 or bf16, got 'fp8'"
+    elif case == "a second run into OUTPUT_DIR":
+        # The wrapper fixes OUTPUT_DIR: run twice, the second run must not overwrite the first one's results.
+        env.update(TRAIN_DATA_DIR=str(SAMPLE_STYLE))
+        expected = (f"error: --output_dir {earlier_run} holds an earlier run (pytorch_lora_weights.safetensors, "
+                    f"validation/): continue it with --resume_from_checkpoint=latest, pick another --output_dir, "
+                    f"or replace it with --overwrite_output_dir")
     before = tree_digest(earlier_run)
-    result = run_wrapper(TASK2 / "scripts" / "train_lora_custom.sh", env, ["--resolution=32"], tmp_path / "hf")
+    result = run_wrapper(TASK2 / "scripts" / "train_lora_custom.sh", env,
+                         ["--resolution=32", "--max_train_steps=1", "--num_inference_steps=1",
+                          "--num_validation_images=1"], tmp_path / "hf")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [expected]
     assert "Traceback" not in result.stdout
@@ -95,7 +103,22 @@ TRAIN_LORA_CASES = {
                                           "LoRA too, this run the UNet's only"),
     "checkpoint of another rank": ({"--resume_from_checkpoint": "checkpoint-3", "--rank": "8"},
                                    "--resume_from_checkpoint {tmp}/out/checkpoint-3 has rank [4], this run --rank 8"),
+    "learning rate inf": ({"--learning_rate": "inf"}, "--learning_rate must be finite and positive, got inf"),
+    "noise offset nan": ({"--noise_offset": "nan"}, "--noise_offset must be finite and >= 0, got nan"),
+    "snr gamma nan": ({"--snr_gamma": "nan"}, "--snr_gamma must be finite and positive, got nan"),
+    "max grad norm nan": ({"--max_grad_norm": "nan"}, "--max_grad_norm must be finite and positive, got nan"),
+    "max grad norm -1": ({"--max_grad_norm": "-1"}, "--max_grad_norm must be positive, got -1.0"),
+    "max grad norm 0": ({"--max_grad_norm": "0"}, "--max_grad_norm must be positive, got 0.0"),
+    "row without caption": ({}, "{tmp}/data/train/metadata.jsonl line 2 has no caption under 'text' (got None)"),
+    "row with null caption": ({}, "{tmp}/data/train/metadata.jsonl line 2 has no caption under 'text' (got None)"),
+    "row naming a missing image": ({}, "{tmp}/data/train/metadata.jsonl line 2 names 0001.png, which is not in "
+                                       "{tmp}/data/train"),
+    "PNG with a bad CRC": ({}, "cannot read the image {tmp}/data/train/0000.png"),
 }
+# Rows a case puts in metadata.jsonl after the good one (a second image 0001.png is there unless said).
+SECOND_ROW = {"row without caption": {"file_name": "0001.png"},
+              "row with null caption": {"file_name": "0001.png", "text": None},
+              "row naming a missing image": {"file_name": "0001.png", "text": "a ship"}}
 # The checkpoint-3 a case puts in OUTPUT_DIR: one of the `checkpoints` fixture's, or damaged bytes.
 CHECKPOINT_OF_CASE = {"damaged checkpoint": None, "checkpoint with text-encoder LoRA": "unet+text_encoder",
                       "checkpoint of another rank": "unet", "add the text encoder to a UNet checkpoint": "unet"}
@@ -130,6 +153,15 @@ def test_train_lora_rejects_bad_input(case, tiny_model, checkpoints, earlier_run
     data = captioned_folder(tmp_path / "data", "caption" if case == "caption column absent" else "text")
     if case == "unreadable image":
         (data / "train" / "0000.png").write_bytes(b"not a PNG")
+    if case == "PNG with a bad CRC":  # one byte of the pixel data changed: PIL raises SyntaxError, not OSError
+        damaged = bytearray((data / "train" / "0000.png").read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        (data / "train" / "0000.png").write_bytes(bytes(damaged))
+    if case in SECOND_ROW:
+        if case != "row naming a missing image":
+            shutil.copy(SAMPLE_STYLE / "train" / "0001.png", data / "train" / "0001.png")
+        with open(data / "train" / "metadata.jsonl", "a") as metadata:
+            metadata.write("\n" + json.dumps(SECOND_ROW[case]) + "\n")
     put_checkpoint(case, earlier_run, checkpoints)
     overrides, expected = TRAIN_LORA_CASES[case]
     args = {"--pretrained_model_name_or_path": str(tiny_model), "--output_dir": str(earlier_run),
@@ -149,7 +181,8 @@ def test_train_lora_rejects_bad_input(case, tiny_model, checkpoints, earlier_run
 
 @pytest.mark.parametrize("case", ["missing instance folder", "no images", "unreadable image",
                                   "prior without class prompt", "rank 0", "fp16 class images on a CPU",
-                                  "add the text encoder to a UNet checkpoint"])
+                                  "add the text encoder to a UNet checkpoint", "prior loss weight nan",
+                                  "class prompt without prior preservation"])
 def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, earlier_run, tmp_path, capsys):
     if case == "fp16 class images on a CPU" and torch.cuda.is_available():
         pytest.skip("valid on a machine with CUDA")
@@ -168,6 +201,8 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, 
         "add the text encoder to a UNet checkpoint": (f"--resume_from_checkpoint {earlier_run / 'checkpoint-3'} "
                                                       "trained the UNet's LoRA only, this run adds "
                                                       "--train_text_encoder"),
+        "prior loss weight nan": "--prior_loss_weight must be finite and >= 0, got nan",
+        "class prompt without prior preservation": "--class_prompt is used only with --with_prior_preservation",
     }[case]
     if case == "missing instance folder":
         args["--instance_data_dir"] = str(tmp_path / "nowhere")
@@ -182,6 +217,11 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, 
     elif case == "fp16 class images on a CPU":
         flags = ["--with_prior_preservation", f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a cat",
                  "--prior_generation_precision=fp16"]
+    elif case == "prior loss weight nan":
+        flags = ["--with_prior_preservation", f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a cat",
+                 "--prior_loss_weight=nan"]
+    elif case == "class prompt without prior preservation":
+        flags = [f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a cat"]
     elif case == "add the text encoder to a UNet checkpoint":
         put_checkpoint(case, earlier_run, checkpoints)
         flags = ["--train_text_encoder", "--resume_from_checkpoint=checkpoint-3"]
@@ -202,8 +242,8 @@ def test_train_dreambooth_lora_rejects_bad_input(case, tiny_model, checkpoints, 
 
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_a_failed_write_leaves_the_earlier_file_or_folder_and_no_temporary(kind, tmp_path):
-    """utils.atomic_write, which writes the LoRA file, the checkpoint folders and the images."""
-    utils = load_module(TASK2, "utils")
+    """atomic_write, which writes the LoRA file, the checkpoint folders and the images."""
+    atomic_write = load_module(TASK2, "atomic_write").atomic_write
     path = tmp_path / ("weights.safetensors" if kind == "file" else "checkpoint-3")
     if kind == "file":
         path.write_bytes(b"earlier")
@@ -213,7 +253,7 @@ def test_a_failed_write_leaves_the_earlier_file_or_folder_and_no_temporary(kind,
     before = tree_digest(tmp_path)
 
     with pytest.raises(RuntimeError, match="disk full"):
-        with utils.atomic_write(path) as tmp:
+        with atomic_write(path) as tmp:
             if kind == "file":
                 tmp.write_bytes(b"half of the new")
             else:
@@ -222,7 +262,7 @@ def test_a_failed_write_leaves_the_earlier_file_or_folder_and_no_temporary(kind,
             raise RuntimeError("disk full")
     assert tree_digest(tmp_path) == before
 
-    with utils.atomic_write(path) as tmp:
+    with atomic_write(path) as tmp:
         if kind == "file":
             tmp.write_bytes(b"new")
         else:

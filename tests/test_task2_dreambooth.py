@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from conftest import REPO, TASK2
 from task2_lora_load_check import check
 from task2_tiny_pipeline import (FAST_FLAGS, RESOLUTION, expected_lora_file, generate, load_pipeline, run_wrapper,
-                                 tiny_pipeline_dir, tree_digest)
+                                 tree_digest)
 
 SAMPLE_CAT = TASK2 / "sample_data" / "dreambooth-cat"
 # The course's pins (../course_template/requirements.txt of the assignment) that load a LoRA ...
@@ -30,11 +30,6 @@ COURSE_PINS = ["diffusers==0.35.1", "transformers==4.56.2", "peft==0.17.1"]
 # the course's own pins, and what pip resolves for the course's requirements.txt where transformers 4.56
 # excludes ours (huggingface_hub < 1.0, tokenizers < 0.23). Everything else, torch included, is the venv's.
 COURSE_DEPENDENCIES = ["accelerate==1.10.1", "safetensors==0.6.2", "huggingface_hub==0.36.2", "tokenizers==0.22.2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

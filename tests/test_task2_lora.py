@@ -15,14 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TASK2
 from task2_tiny_pipeline import (FAST_FLAGS, RESOLUTION, expected_lora_file, generate, load_pipeline, merge_lora,
-                                 read_tensorboard, run_wrapper, tiny_pipeline_dir, tree_digest)
+                                 read_tensorboard, run_wrapper, tree_digest)
 
 SAMPLE_STYLE = TASK2 / "sample_data" / "artistic-custom"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,24 @@
 """Task 2: the options of the diffusers example scripts do what the examples do, checked in-process on
 the tiny pipeline without training: EXIF rotation, offset noise, v-prediction, --variant, the AdamW
 flags and --scale_lr, --lora_dropout, --image_interpolation_mode, --dataset_config_name and
---max_train_samples."""
+--max_train_samples; --help's defaults, the LoRA file's permissions, the class images' size and
+precision, validation in eval mode, and an error raised in a data-loader worker."""
+import contextlib
 import json
+import os
+import re
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TASK2, load_module
-from task2_tiny_pipeline import tiny_pipeline_dir
 
 CPU = SimpleNamespace(mixed_precision="no", device=torch.device("cpu"))  # what load_models asks of an Accelerator
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,7 @@ def test_a_rotated_exif_photo_reaches_the_model_upright(tiny_model, tokenizer, t
 
 def test_image_interpolation_mode_picks_the_resampling_filter(tiny_model, tmp_path):
     """A 1-pixel checkerboard halved: nearest keeps pure black and white, lanczos averages to grey."""
-    utils = load_module(TASK2, "utils")
+    images = load_module(TASK2, "images")
     train_lora = load_module(TASK2, "train_lora")
     checkerboard = Image.fromarray(((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2 * 255)
                                    .to(torch.uint8).numpy()).convert("RGB")
@@ -89,7 +88,7 @@ def test_image_interpolation_mode_picks_the_resampling_filter(tiny_model, tmp_pa
     for mode in ("nearest", "lanczos"):
         args = train_lora.parse_args([*common_flags(tiny_model, tmp_path), f"--train_data_dir={tmp_path / 'data'}",
                                       "--center_crop", f"--image_interpolation_mode={mode}"])
-        halved[mode] = utils.image_transforms(args)(checkerboard)
+        halved[mode] = images.image_transforms(args)(checkerboard)
     assert set(halved["nearest"].unique().tolist()) <= {-1.0, 1.0}
     assert halved["lanczos"].abs().max() < 0.1
 
@@ -99,12 +98,12 @@ def test_noise_offset_adds_one_constant_per_image_and_channel():
     variance 1/64 + offset^2, while the variance within a map stays 1 (2048 maps: about 3% error)."""
     from diffusers import DDPMScheduler
 
-    utils = load_module(TASK2, "utils")
+    loss = load_module(TASK2, "loss")
     scheduler = DDPMScheduler(num_train_timesteps=1000)  # epsilon-prediction: the target is the noise
     latents = torch.zeros(512, 4, 8, 8)
     torch.manual_seed(0)
-    _, _, plain = utils.noise_and_target(scheduler, latents)
-    _, _, offset = utils.noise_and_target(scheduler, latents, noise_offset=0.5)
+    _, _, plain = loss.noise_and_target(scheduler, latents)
+    _, _, offset = loss.noise_and_target(scheduler, latents, noise_offset=0.5)
     assert plain.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 64, rel=0.15)
     assert offset.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 64 + 0.25, rel=0.15)
     assert offset.var(dim=(2, 3)).mean().item() == pytest.approx(1.0, rel=0.05)
@@ -117,18 +116,18 @@ def test_variant_and_prediction_type_reach_the_loaded_models(tiny_model, tmp_pat
     shutil.copytree(tiny_model, model)
     for weights in [*model.glob("*/diffusion_pytorch_model.safetensors"), *model.glob("*/model.safetensors")]:
         weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
-    utils = load_module(TASK2, "utils")
     train_lora = load_module(TASK2, "train_lora")
+    models, loss = load_module(TASK2, "models"), load_module(TASK2, "loss")
     flags = [*common_flags(model, tmp_path), f"--train_data_dir={TASK2 / 'sample_data' / 'artistic-custom'}"]
-    with pytest.raises(SystemExit):
-        utils.load_models(train_lora.parse_args(flags), CPU)
+    with pytest.raises(models.UsageError):  # the model has no variant-less weights
+        models.load_models(train_lora.parse_args(flags), CPU)
 
     args = train_lora.parse_args([*flags, "--variant=fp16", "--prediction_type=v_prediction"])
-    _, noise_scheduler, _, _, unet = utils.load_models(args, CPU)
+    _, noise_scheduler, _, _, unet = models.load_models(args, CPU)
     assert unet.config.sample_size == 16 and noise_scheduler.config.prediction_type == "v_prediction"
     x_0 = torch.randn(8, 4, 4, 4)
     torch.manual_seed(1)
-    x_t, t, target = utils.noise_and_target(noise_scheduler, x_0)
+    x_t, t, target = loss.noise_and_target(noise_scheduler, x_0)
     torch.manual_seed(1)
     eps = torch.randn_like(x_0)  # the same draw noise_and_target made first
     alpha_bar = noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -139,22 +138,22 @@ def test_variant_and_prediction_type_reach_the_loaded_models(tiny_model, tmp_pat
 def test_adam_flags_scale_lr_and_lora_dropout(tiny_model, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    utils = load_module(TASK2, "utils")
     dreambooth = load_module(TASK2, "train_dreambooth_lora")
+    models, training = load_module(TASK2, "models"), load_module(TASK2, "training")
     args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path),
                                   f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
                                   "--instance_prompt=a photo of sks cat", "--learning_rate=1e-4", "--scale_lr",
                                   "--train_batch_size=2", "--gradient_accumulation_steps=3", "--adam_beta1=0.8",
                                   "--adam_beta2=0.99", "--adam_epsilon=1e-6", "--adam_weight_decay=0.05",
                                   "--lora_dropout=0.25"])
-    optimizer = utils.make_optimizer(args, [torch.nn.Parameter(torch.zeros(1))], num_processes=2)
+    optimizer = training.make_optimizer(args, [torch.nn.Parameter(torch.zeros(1))], num_processes=2)
     group = optimizer.param_groups[0]
     # --scale_lr: batch 2 x accumulation 3 x 2 processes = 12 images per step.
     assert group["lr"] == pytest.approx(1e-4 * 12)
     assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["weight_decay"] == 0.05
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    utils.add_lora(unet, args.rank, utils.UNET_LORA_TARGETS, args.lora_dropout)
+    models.add_lora(unet, args.rank, models.UNET_LORA_TARGETS, args.lora_dropout)
     dropouts = [m for name, m in unet.named_modules() if name.endswith("lora_dropout.default")]
     assert dropouts and all(isinstance(m, torch.nn.Dropout) and m.p == 0.25 for m in dropouts)
 
@@ -191,14 +190,14 @@ def test_checkpoints_of_the_earlier_layout_still_resume(tiny_model, tmp_path):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    utils = load_module(TASK2, "utils")
     dreambooth = load_module(TASK2, "train_dreambooth_lora")
+    models, lora_weights = load_module(TASK2, "models"), load_module(TASK2, "lora_weights")
 
     def adapted_models():
         unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder")
-        utils.add_lora(unet, 4, utils.UNET_LORA_TARGETS)
-        utils.add_lora(text_encoder, 4, utils.TEXT_ENCODER_LORA_TARGETS)
+        models.add_lora(unet, 4, models.UNET_LORA_TARGETS)
+        models.add_lora(text_encoder, 4, models.TEXT_ENCODER_LORA_TARGETS)
         return unet, text_encoder
 
     trained_unet, trained_text_encoder = adapted_models()
@@ -208,19 +207,114 @@ def test_checkpoints_of_the_earlier_layout_still_resume(tiny_model, tmp_path):
             if "lora_B" in name:
                 torch.nn.init.normal_(parameter)
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    StableDiffusionPipeline.save_lora_weights(checkpoint, unet_lora_layers=utils.lora_layers(trained_unet),
-                                              text_encoder_lora_layers=utils.lora_layers(trained_text_encoder))
+    StableDiffusionPipeline.save_lora_weights(checkpoint, unet_lora_layers=lora_weights.lora_layers(trained_unet),
+                                              text_encoder_lora_layers=lora_weights.lora_layers(trained_text_encoder))
     saved = load_file(checkpoint / "pytorch_lora_weights.safetensors")
     assert "text_encoder.encoder.layers.0.self_attn.q_proj.lora_A.weight" in saved  # the earlier layout
     assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight" in saved
     unet, text_encoder = adapted_models()
-    utils.load_lora_weights(checkpoint, unet, text_encoder)
+    lora_weights.load_lora_weights(checkpoint, unet, text_encoder)
     for trained, restored in ((trained_unet, unet), (trained_text_encoder, text_encoder)):
-        assert utils.lora_layers(trained).keys() == utils.lora_layers(restored).keys()
-        assert all(torch.equal(utils.lora_layers(trained)[k], utils.lora_layers(restored)[k])
-                   for k in utils.lora_layers(trained))
+        assert lora_weights.lora_layers(trained).keys() == lora_weights.lora_layers(restored).keys()
+        assert all(torch.equal(lora_weights.lora_layers(trained)[k], lora_weights.lora_layers(restored)[k])
+                   for k in lora_weights.lora_layers(trained))
 
     args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path), "--train_text_encoder",
                                   f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
                                   "--instance_prompt=a photo of sks cat", "--resume_from_checkpoint=checkpoint-2"])
     assert args.resume_path == checkpoint
+
+
+def test_help_shows_the_defaults_the_scripts_use(tiny_model, tmp_path, capsys):
+    train_lora = load_module(TASK2, "train_lora")
+    with pytest.raises(SystemExit) as exit_info:
+        train_lora.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "diffusers example" not in text
+    (tmp_path / "metadata.jsonl").write_text("")
+    args = train_lora.parse_args([*common_flags(tiny_model, tmp_path), f"--train_data_dir={tmp_path}"])
+    for flag in ("learning_rate", "train_batch_size", "num_train_epochs", "lr_warmup_steps", "validation_epochs",
+                 "checkpointing_steps", "rank", "max_grad_norm"):
+        # the flag's own help: up to the next flag with a metavar
+        shown = re.search(rf"(?<!\[)--{flag} {flag.upper()} (?:(?! --[a-z_0-9]+ [A-Z]).)*?\(default: ([^)]*)\)", text)
+        assert shown, flag
+        assert shown.group(1) == str(getattr(args, flag)), flag
+
+
+def test_lora_files_get_the_permissions_the_umask_gives(tiny_model, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    models, lora_weights = load_module(TASK2, "models"), load_module(TASK2, "lora_weights")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    models.add_lora(unet, 4, models.UNET_LORA_TARGETS)
+    for umask, expected in ((0o022, 0o644), (0o077, 0o600)):
+        previous = os.umask(umask)
+        try:
+            lora_weights.save_lora_weights(tmp_path / f"umask-{umask:o}", unet)
+        finally:
+            os.umask(previous)
+        assert (tmp_path / f"umask-{umask:o}" / "pytorch_lora_weights.safetensors").stat().st_mode & 0o777 == expected
+
+
+def test_class_images_are_drawn_at_the_models_own_size_and_in_fp16_on_cuda(tiny_model, tmp_path):
+    """The tiny model's native size is 32 (UNet sample size 16 x VAE factor 2); --resolution=16 must not
+    shrink the class images (they are resized with the training images)."""
+    dreambooth = load_module(TASK2, "train_dreambooth_lora")
+    args = dreambooth.parse_args([*common_flags(tiny_model, tmp_path), "--resolution=16",
+                                  f"--instance_data_dir={TASK2 / 'sample_data' / 'dreambooth-cat'}",
+                                  "--instance_prompt=a photo of sks cat", "--with_prior_preservation",
+                                  f"--class_data_dir={tmp_path / 'class'}", "--class_prompt=a photo of a cat",
+                                  "--num_inference_steps=1"])
+    accelerator = SimpleNamespace(device=torch.device("cpu"), process_index=0, is_local_main_process=True)
+    dreambooth.draw_class_images(args, accelerator, [tmp_path / "class_0000.png"])
+    assert Image.open(tmp_path / "class_0000.png").size == (32, 32)
+    assert dreambooth.class_image_dtype(args, cuda_available=True) == torch.float16
+    assert dreambooth.class_image_dtype(args, cuda_available=False) == torch.float32
+    args.prior_generation_precision = "bf16"
+    assert dreambooth.class_image_dtype(args, cuda_available=True) == torch.bfloat16
+
+
+def test_validation_draws_one_image_per_call_with_lora_dropout_off(tiny_model, tmp_path, monkeypatch):
+    models, validation = load_module(TASK2, "models"), load_module(TASK2, "validation")
+    args = SimpleNamespace(pretrained_model_name_or_path=str(tiny_model), revision=None, variant=None, cache_dir=None,
+                           prediction_type=None, validation_prompt="a house", resolution=32, num_inference_steps=2,
+                           num_validation_images=2, seed=0)
+    pipeline = models.load_pipeline(args, torch.float32)
+    models.add_lora(pipeline.unet, 4, models.UNET_LORA_TARGETS, dropout=0.5)
+    torch.manual_seed(0)
+    for name, parameter in pipeline.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    pipeline.unet.train()  # as the training loop leaves it
+    accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    prompts = []
+    call = type(pipeline).__call__
+
+    def recording_call(self, prompt, **kwargs):
+        prompts.append(prompt)
+        return call(self, prompt, **kwargs)
+
+    monkeypatch.setattr(type(pipeline), "__call__", recording_call)
+    first = validation.draw_validation_images(args, accelerator, pipeline)
+    pipeline.unet.train()
+    second = validation.draw_validation_images(args, accelerator, pipeline)
+    assert prompts == ["a house"] * 4  # one image per call
+    # Dropout on would draw other images each time; off, the same seed draws the same images.
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second))
+
+
+def test_an_unreadable_image_in_a_data_loader_worker_ends_in_one_line(tmp_path, capsys):
+    """--dataloader_num_workers > 0: the error crosses from the worker process to the script's entry point,
+    which prints its message alone, with no traceback."""
+    dreambooth = load_module(TASK2, "train_dreambooth_lora")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a PNG")
+    dataset = dreambooth.DreamBoothDataset([broken], torch.zeros(4, dtype=torch.long), [], None, lambda image: image)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=lambda batch: batch)
+    with pytest.raises(SystemExit) as exit_info:
+        with dreambooth.cli.usage_errors_exit():
+            next(iter(loader))
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read the image {broken}: "), lines

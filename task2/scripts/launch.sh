@@ -13,6 +13,10 @@ MAIN_PROCESS_PORT=${MAIN_PROCESS_PORT:-29500}
 case "$NUM_PROCESSES" in
   '' | *[!0-9]* | 0) echo "error: NUM_PROCESSES must be a positive integer, got '$NUM_PROCESSES'" >&2; exit 1 ;;
 esac
+case "$MIXED_PRECISION" in
+  no | fp16 | bf16) ;;
+  *) echo "error: MIXED_PRECISION must be no, fp16 or bf16, got '$MIXED_PRECISION'" >&2; exit 1 ;;
+esac
 
 launch() {
   script=$1

@@ -15,11 +15,8 @@ MODEL_NAME=${MODEL_NAME:-CompVis/stable-diffusion-v1-4}
 TRAIN_DATA_DIR=${TRAIN_DATA_DIR:-$TASK2_DIR/sample_data/artistic-custom}
 OUTPUT_DIR=${OUTPUT_DIR:-$TASK2_DIR/runs/artistic_custom}
 
-# --validation_epochs: the sample folder has 4 images, so an epoch is 4 steps. One validation draws
-# 4 images x 30 denoising steps x 2 UNet passes (classifier-free guidance) = 240 one-image UNet passes;
-# one training step is a forward and a backward pass, about 2-3. Every 50 epochs (200 steps, 400-600
-# passes) validation costs at most ~60% of the training between two validations; the course's every
-# epoch (4 steps, ~12 passes) would spend 20 times more on validation than on training.
+# --validation_epochs=50: the sample folder's epoch is 4 steps, and one validation (4 images x 30
+# denoising steps with guidance) costs far more UNet passes than 4 training steps.
 launch train_lora.py \
   --pretrained_model_name_or_path="$MODEL_NAME" \
   --output_dir="$OUTPUT_DIR" \
