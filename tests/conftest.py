@@ -59,3 +59,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def diffusers_ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str) -> list:
+    """diffusers' DDIMScheduler(timestep_spacing=spacing).timesteps for S = num_steps, as a list.
+
+    Under trailing, diffusers' floating-point arange(T, 0, -T / S) gives S + 1 values for some S
+    (61, 103, ... at T = 1000), the last a timestep -1: the first S values are the sub-sequence.
+    """
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=0)
+    reference.set_timesteps(num_steps)
+    timesteps = reference.timesteps.tolist()
+    if len(timesteps) == num_steps + 1:
+        assert spacing == "trailing" and timesteps[-1] == -1, (spacing, num_steps)
+        timesteps = timesteps[:-1]
+    return timesteps

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from conftest import TASK1_2D, load_module
+from conftest import TASK1_2D, TASK1_IMAGE, diffusers_ddim_timesteps, load_module
 
 T = 1000
 
@@ -176,20 +176,25 @@ def test_ddim_trajectory_matches_diffusers(course, spacing, num_steps, eta):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-SUBSEQUENCE_STEPS = [1, 2, 3, 7, 10, 16, 20, 29, 30, 50, 61, 100, 103, 333, 500, 999, 1000]
-
-
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 def test_ddim_subsequences_equal_diffusers(course, spacing):
+    """Every S in 1..T (the trailing formula once drifted from diffusers' for 50 of them, e.g. S = 48)."""
     ddpm, *_ = course
-    for num_steps in SUBSEQUENCE_STEPS:
-        expected = diffusers_ddim(spacing, num_steps).timesteps.tolist()
-        if spacing == "trailing" and len(expected) == num_steps + 1:
-            # diffusers' floating-point arange(T, 0, -T / S) gives one value too many for some S
-            # (61, 103, ...): a last "timestep" of -1. The first S values are the sub-sequence.
-            assert expected[-1] == -1
-            expected = expected[:-1]
+    for num_steps in range(1, T + 1):
+        expected = diffusers_ddim_timesteps(T, num_steps, spacing)
         assert ddpm.ddim_timesteps(T, num_steps, spacing)[0].tolist() == expected, num_steps
+
+
+def test_both_task1_folders_use_one_spacing_rule(course):
+    """The 2D folder's ddim_timesteps and the image folder's ddim_sub_sequence agree for every
+    spacing and S, quadratic (which diffusers lacks) included."""
+    ddpm, *_ = course
+    image_scheduler = load_module(TASK1_IMAGE, "scheduler")
+    for spacing in ddpm.TIMESTEP_SPACINGS:
+        for num_steps in range(1, T + 1):
+            ours = ddpm.ddim_timesteps(T, num_steps, spacing)
+            theirs = image_scheduler.ddim_sub_sequence(T, num_steps, spacing)
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (spacing, num_steps)
 
 
 def test_quadratic_spacing_is_the_ddim_authors_formula(course):
@@ -401,7 +406,7 @@ def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(cour
     path.write_text("old")
     synced = []
     fsync = os.fsync
-    monkeypatch.setattr(ddpm.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))  # the os module ddpm.atomic_write calls
 
     def fail_halfway(f):
         f.write(b"half of the new")

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
-from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, atomic_write, check_eta, ddim_timesteps
+from atomic_write import atomic_write_text
+from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_eta, ddim_timesteps
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -124,11 +125,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except OSError as error:
         parser.error(f"cannot write to --out {args.out!r}: {error.strerror or error}")
     return args
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """ddpm.atomic_write for a str (UTF-8)."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def learning_rate_factor(iteration: int, recipe: Recipe) -> float:

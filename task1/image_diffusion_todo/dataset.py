@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 import torchvision.transforms as transforms
-from cli import DIR_MODE, ArgumentParser, run
+from atomic_write import DIR_MODE
+from cli import ArgumentParser, run
+from fid.image_files import list_images, to_rgb
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,7 +33,6 @@ AFHQ_URL = "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1"
 # where the course's AFHQDataModule("data") keeps AFHQ: the default --data_root of train.py and dataset.py
 DEFAULT_ROOT = os.path.join("data", "afhq")
 EVAL_FORMATS = ("source", "png")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class DatasetError(ValueError):
@@ -39,8 +40,8 @@ class DatasetError(ValueError):
 
 
 def listdir(dname):
-    """Image files under dname (recursively), sorted: [Path]."""
-    return sorted(p for p in Path(dname).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under dname (recursively), sorted: [Path] (the course's name for list_images)."""
+    return list_images(dname)
 
 
 def tensor_to_pil_image(x: torch.Tensor, single_image=False):
@@ -63,7 +64,7 @@ def open_rgb(path) -> Image.Image:
     """Load an image as RGB; DatasetError naming the file when it cannot be decoded."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as error:
         raise DatasetError(f"unreadable image {path}: {error}") from None
 

@@ -34,18 +34,41 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from cli import ArgumentParser, UsageError, pick_device, run, atomic_write_text
+from atomic_write import atomic_write, atomic_write_text
+from cli import ArgumentParser, UsageError, flags, pick_device, run
 from dataset import tensor_to_pil_image
 from model import CheckpointError, DiffusionModule
-from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler
+from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler, check_eta
 from tqdm import tqdm
+
+SUMMARY_FILE = "sampling.json"
+
+
+def image_path(save_dir, i: int) -> Path:
+    """Where image i goes: SAVE_DIR/{i}.png, the layout measure_fid.py and fid_grid.py read."""
+    return Path(save_dir) / f"{i}.png"
+
+
+def command(ckpt_path, save_dir, **settings) -> list:
+    """The argv of `python sampling.py` for settings keyed by this script's flag names, e.g.
+    command(ckpt, out, sample_method="ddim", ddim_steps=10, eta=0.5, use_ema=True): the one place
+    where this script's command line is built for it by another program."""
+    argv = ["--ckpt_path", str(ckpt_path), "--save_dir", str(save_dir), *flags(settings)]
+    unknown = set(settings) - set(vars(parse_args(argv)))
+    if unknown:
+        raise ValueError(f"sampling.py has no flag --{sorted(unknown)[0]}")
+    return ["sampling.py", *argv]
 
 
 def check_args(args):
     if args.ddim_steps < 1:
         raise UsageError(f"--ddim_steps must be >= 1, got {args.ddim_steps}")
-    if not 0 <= args.eta <= 1:
-        raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
+    try:
+        check_eta(args.eta)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+    if not math.isfinite(args.cfg_scale):
+        raise UsageError(f"--cfg_scale must be a finite number, got {args.cfg_scale}")
     if args.num_samples < 1 or args.batch_size < 1:
         raise UsageError("--num_samples and --batch_size must be >= 1")
     if args.seed < 0:

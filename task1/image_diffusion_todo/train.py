@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from cli import ArgumentParser, UsageError, atomic_write_text, pick_device, run
+from atomic_write import atomic_write_text
+from cli import ArgumentParser, UsageError, pick_device, run
 from dataset import DEFAULT_ROOT, AFHQDataModule, DatasetError, download_afhq
 from model import CheckpointError, DiffusionModule, load_checkpoint
 from network import UNet
