@@ -73,6 +73,14 @@ def ddim_timesteps(num_train_timesteps: int, num_inference_timesteps: int, times
     return timesteps, prev_timesteps
 
 
+def check_denoises(timesteps: torch.Tensor, timestep_spacing: str) -> None:
+    """ValueError when a DDIM sub-sequence [S] is t = 0 alone (S = 1 under leading, linspace or
+    quadratic): its one step starts where alpha_bar_0 ~ 1 and returns the noise x_T as x_0."""
+    if int(timesteps[0]) == 0:
+        raise ValueError(f"DDIM with {len(timesteps)} step under {timestep_spacing} spacing visits only t = 0 and "
+                         f"returns the noise x_T unchanged: use trailing spacing or more steps")
+
+
 def check_eta(eta: float) -> None:
     """DDIM's eta interpolates between the deterministic sampler (0) and DDPM's posterior variance
     (1); above 1, 1 - alpha_bar_prev - sigma^2 can turn negative and the step would be NaN."""
@@ -212,6 +220,7 @@ class DiffusionModule(nn.Module):
         timesteps, prev_timesteps = ddim_timesteps(
             self.var_scheduler.num_train_timesteps, num_inference_timesteps, timestep_spacing
         )
+        check_denoises(timesteps, timestep_spacing)
         xt = torch.randn(shape, device=self.device)
         for t, t_prev in zip(timesteps, prev_timesteps):
             xt = self.ddim_p_sample(xt, t, t_prev, eta)

@@ -22,6 +22,8 @@ def run(main, args, expected_errors):
     try:
         main(args)
     except expected_errors as error:
+        if isinstance(error, OSError) and error.strerror:  # e.g. a full disk: "No space left on device: PATH"
+            error = f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         message = lines[0]
         if "Traceback" in str(error):

@@ -214,6 +214,9 @@ def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "va
     if repeated:
         raise DatasetError(f"two {split} images would both be {eval_dir / repeated[0]} (the eval folder is flat)")
     eval_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a killed earlier build leaves its temporary folder (an error or Ctrl-C removes it below)
+    for stale in eval_dir.parent.glob(f".{eval_dir.name}-tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=eval_dir.parent, prefix=f".{eval_dir.name}-tmp-"))
     try:
         os.chmod(tmp, DIR_MODE)
@@ -233,6 +236,8 @@ def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "va
 def main(args):
     data_root = Path(args.data_root)
     eval_dir = Path(args.eval_dir) if args.eval_dir else data_root / "eval"
+    if eval_dir.exists() and not eval_dir.is_dir():
+        raise DatasetError(f"--eval_dir {eval_dir} is a file, not a folder: choose another --eval_dir")
     if eval_dir.exists() and any(eval_dir.iterdir()):
         print(f"{eval_dir} already exists ({sum(1 for _ in eval_dir.iterdir())} files); delete it to rebuild")
         return

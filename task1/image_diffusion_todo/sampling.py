@@ -27,7 +27,9 @@ The main process writes sampling.json once, after every process has finished.
 """
 import json
 import math
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler,
 from tqdm import tqdm
 
 SUMMARY_FILE = "sampling.json"
+ERRORS = (UsageError, CheckpointError, OSError)  # what the script reports as one line (cli.run)
 
 
 def image_path(save_dir, i: int) -> Path:
@@ -134,9 +137,9 @@ def describe_split(shares, batch_size: int) -> str:
     return f"{processes}: {' + '.join(map(str, counts))} images (batches of up to {batch_size})"
 
 
-def main(args):
-    check_args(args)
-
+def load_diffusion(args) -> DiffusionModule:
+    """The checkpoint's model with the sampler the flags ask for; UsageError or CheckpointError
+    (before anything is written) when the flags and the checkpoint do not fit."""
     ddpm = DiffusionModule(None, None)
     checkpoint = ddpm.load(args.ckpt_path)
     check_course_flags(args, checkpoint["config"]["predictor"], ddpm.var_scheduler.config)
@@ -149,8 +152,48 @@ def main(args):
         raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the checkpoint's T = {T}")
     if args.use_cfg and not ddpm.network.use_cfg:
         raise UsageError(f"{args.ckpt_path} was not trained with --use_cfg: it cannot do classifier-free guidance")
-    ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps, args.eta,
-                                         timestep_spacing=args.timestep_spacing)
+    try:
+        ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps,
+                                             args.eta, timestep_spacing=args.timestep_spacing)
+    except ValueError as error:  # e.g. a sub-sequence that never denoises
+        raise UsageError(f"--ddim_steps {args.ddim_steps} --timestep_spacing {args.timestep_spacing}: {error}") from None
+    return ddpm
+
+
+def prepare_save_dir(save_dir: Path, num_samples: int) -> None:
+    """Create save_dir, or stop with a UsageError (nothing written) when it cannot take this
+    run's images: a file, not writable, an image's name taken by a folder, or PNGs {i}.png with
+    i >= num_samples from another run, which measure_fid.py would score with this run's."""
+    if save_dir.exists():
+        if not save_dir.is_dir():
+            raise UsageError(f"--save_dir {save_dir} is a file, not a folder: choose another --save_dir")
+        taken = next((path for path in map(partial(image_path, save_dir), range(num_samples)) if path.is_dir()), None)
+        if taken is not None:
+            raise UsageError(f"--save_dir {save_dir} holds a folder named {taken.name}: move it or choose another --save_dir")
+        others = sorted(int(path.stem) for path in save_dir.glob("*.png") if path.stem.isdigit())
+        others = [i for i in others if i >= num_samples]
+        if others:
+            raise UsageError(f"--save_dir {save_dir} holds {len(others)} images of another run ({others[0]}.png ...) "
+                             f"beyond --num_samples {num_samples}, which measure_fid.py would score too: "
+                             f"delete them or choose an empty --save_dir")
+    try:
+        save_dir.mkdir(exist_ok=True, parents=True)
+        with tempfile.TemporaryFile(dir=save_dir):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write to --save_dir {save_dir}: {error.strerror or error}") from None
+
+
+def save_png(image, path: Path) -> None:
+    """A PNG written atomically: a kill or a full disk leaves the old file or none, never part of one."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def main(args):
+    check_args(args)
+    ddpm = load_diffusion(args)
+    save_dir = Path(args.save_dir)
+    prepare_save_dir(save_dir, args.num_samples)
 
     # one process under plain python; N under accelerate launch or torchrun (gloo without CUDA)
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -161,8 +204,6 @@ def main(args):
     if state.is_main_process:
         print(describe_split(shares, args.batch_size), flush=True)
 
-    save_dir = Path(args.save_dir)
-    save_dir.mkdir(exist_ok=True, parents=True)
     num_classes = ddpm.network.config["num_classes"]
 
     seconds = 0.0
@@ -185,7 +226,7 @@ def main(args):
         seconds += time.perf_counter() - start
 
         for i, img in zip(indices, tensor_to_pil_image(samples)):
-            img.save(save_dir / f"{i}.png")
+            save_png(img, image_path(save_dir, i))
 
     seconds_per_process = gather_object([seconds])  # waits for every process
     if state.is_main_process:
@@ -202,7 +243,7 @@ def main(args):
             "seconds": sum(seconds_per_process),
             "seconds_per_process": seconds_per_process,
         }
-        atomic_write_text(save_dir / "sampling.json", json.dumps(summary, indent=2))
+        atomic_write_text(save_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         print(f"Saved {args.num_samples} images to {save_dir} ({summary['seconds']:.1f} s of sampling"
               + (f" over {state.num_processes} processes)" if state.num_processes > 1 else ")"))
 
@@ -248,5 +289,5 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run(main, parse_args(), (UsageError, CheckpointError))
+    run(main, parse_args(), ERRORS)
     PartialState().destroy_process_group()  # here, not in main: a process may run main more than once

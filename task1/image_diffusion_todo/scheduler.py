@@ -119,6 +119,14 @@ def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, ti
     return timesteps, prev_timesteps
 
 
+def check_denoises(timesteps: torch.Tensor, timestep_spacing: str) -> None:
+    """ValueError when a DDIM sub-sequence [S] is t = 0 alone (S = 1 under leading, linspace or
+    quadratic): its one step starts where alpha_bar_0 ~ 1 and returns the noise x_T as x_0."""
+    if int(timesteps[0]) == 0:
+        raise ValueError(f"DDIM with {len(timesteps)} step under {timestep_spacing} spacing visits only t = 0 and "
+                         f"returns the noise x_T unchanged: use trailing spacing or more steps")
+
+
 class BaseScheduler(nn.Module):
     """The forward process q(x_t | x_0) shared by DDPM and DDIM.
 
@@ -292,8 +300,10 @@ class DDIMScheduler(BaseScheduler):
     def set_inference_timesteps(self, num_inference_timesteps: int):
         """Use S = num_inference_timesteps steps (1 <= S <= T); sets `timesteps` ([S], descending)
         and `prev_timesteps` ([S], where each step goes)."""
-        self.timesteps, self.prev_timesteps = ddim_sub_sequence(
-            self.num_train_timesteps, num_inference_timesteps, self.timestep_spacing)
+        timesteps, prev_timesteps = ddim_sub_sequence(self.num_train_timesteps, num_inference_timesteps,
+                                                       self.timestep_spacing)
+        check_denoises(timesteps, self.timestep_spacing)
+        self.timesteps, self.prev_timesteps = timesteps, prev_timesteps
         self.num_inference_timesteps = num_inference_timesteps
 
     def previous_timestep(self, t: int) -> int:
