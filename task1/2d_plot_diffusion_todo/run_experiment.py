@@ -481,8 +481,8 @@ def main(argv=None) -> dict:
         recipe = replace(recipe, num_iterations=args.iterations)
     device = torch.device(f"cuda:{args.gpu}" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        # A 2D MLP gains little from a second thread, and on a busy machine OpenMP threads that
-        # spin-wait for each other make timings erratic (measured: up to 20x slower).
+        # a 2D MLP gains little from a second thread, and OpenMP threads that spin-wait for each
+        # other on a busy machine make the timings erratic
         torch.set_num_threads(1)
 
     np.random.seed(args.seed)

@@ -4,26 +4,15 @@
     accelerate launch --num_processes 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
     torchrun --nproc_per_node 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
 
-Writes SAVE_DIR/{i}.png for i = 0..num_samples-1 and SAVE_DIR/sampling.json. The checkpoint may be
-one train.py wrote or a course (Lab-1) file (read without running code from it, see
-course_checkpoint.py). The noise schedule (T, betas, schedule mode) and the predictor come from
-the checkpoint: the course's flags --predictor, --mode, --beta_1, --beta_T may repeat them, a flag
-that contradicts the checkpoint stops the run, and --predictor fills in what a 2025 Lab-1 file
-lacks. --use_ema samples with the checkpoint's EMA weights (train.py --ema_decay).
+Writes SAVE_DIR/{i}.png for i = 0..num_samples-1 (image_path) and SAVE_DIR/sampling.json. The
+checkpoint may be one train.py wrote or a course (Lab-1) file (read without running its code). The
+noise schedule and the predictor come from the checkpoint: the course's --predictor, --mode,
+--beta_1, --beta_T may repeat them; one that contradicts it stops the run.
 
-Image i depends on (--seed, i) alone, so the same flags give the same PNGs whatever the number of
-processes and --batch_size:
-  - image i has its own torch.Generator, seeded from (seed, i) (image_seed). It draws, in this
-    order, i's class label (--use_cfg), x_T[i], and i's noise at every step. A batch draws
-    [1, C, H, W] from each of its B generators: B small draws per step, next to which one network
-    call on the batch costs far more (benchmarks/bench_sampling.py measures both).
-  - the images are cut into the batches one process would sample, [0, B), [B, 2B), ..., and each
-    of N processes (accelerate launch / torchrun) samples a contiguous block of those batches and
-    writes only its own PNGs. So a batch holds the same images whatever N, and N processes give
-    the bytes of one process even on hardware whose kernels round differently for other batch
-    sizes. (A different --batch_size gives the same images up to such rounding: on a CPU, the
-    same bytes; tests/test_image_sampling_distributed.py checks both.)
-The main process writes sampling.json once, after every process has finished.
+Image i depends on (--seed, i) alone, whatever --batch_size and the number of processes: it has
+its own torch.Generator seeded from (seed, i), which draws its class label (--use_cfg), x_T and
+its noise at every step; the images are cut into the batches one process would sample and each
+of N processes takes a contiguous block of them, so N processes write the bytes of one.
 """
 import json
 import math
@@ -251,11 +240,8 @@ def main(args):
 def parse_args(argv=None):
     parser = ArgumentParser(
         description="Sample images from a checkpoint written by train.py, or by the course's code (Lab 1).",
-        epilog="--predictor, --mode, --beta_1 and --beta_T are the course's flags. The checkpoint's values "
-               "are used: a flag that contradicts them stops the run; --predictor fills in what a 2025 "
-               "Lab-1 file does not record (default then: noise). Several processes share the images "
-               "under 'accelerate launch --num_processes N sampling.py ...' or 'torchrun --nproc_per_node N "
-               "sampling.py ...', with the images one process writes.")
+        epilog="--predictor, --mode, --beta_1, --beta_T: the checkpoint's values are used; a flag that "
+               "contradicts them stops the run. Several processes: accelerate launch or torchrun.")
     parser.add_argument("--ckpt_path", required=True,
                         help="checkpoint: last.ckpt written by train.py, or a course (Lab-1) checkpoint")
     parser.add_argument("--save_dir", required=True, help="output folder for {i}.png and sampling.json")
@@ -264,8 +250,7 @@ def parse_args(argv=None):
     parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM steps (1..T)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
     parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default="leading",
-                        help="which DDIM steps: leading (the course's: multiples of T//S from 0), linspace "
-                             "(0 to T-1), trailing (from T-1 down), quadratic (dense near 0, the DDIM paper's)")
+                        help="which DDIM timesteps (see scheduler.ddim_sub_sequence); leading is the course's")
     parser.add_argument("--predictor", choices=PREDICTORS, default=None,
                         help="what the network predicts (course default: noise)")
     parser.add_argument("--mode", choices=SCHEDULES, default=None, help="beta schedule (course default: linear)")
@@ -273,18 +258,14 @@ def parse_args(argv=None):
     parser.add_argument("--beta_T", type=float, default=None, help="last beta (course default: 0.02)")
     parser.add_argument("--num_samples", type=int, default=500, help="number of images to generate")
     parser.add_argument("--batch_size", type=int, default=64, help="images sampled at once (by each process)")
-    parser.add_argument("--seed", type=int, default=63,
-                        help="random seed: image i depends on (seed, i) alone, whatever --batch_size and "
-                             "the number of processes")
+    parser.add_argument("--seed", type=int, default=63, help="random seed: image i depends on (seed, i) alone")
     parser.add_argument("--use_cfg", action="store_true",
-                        help="classifier-free guidance with random class labels (needs a --use_cfg checkpoint; "
-                             "without it, a class-conditional checkpoint samples with the null label)")
+                        help="classifier-free guidance with random class labels (needs a --use_cfg checkpoint)")
     parser.add_argument("--cfg_scale", type=float, default=7.5, help="guidance scale w (1 = conditional only)")
     parser.add_argument("--use_ema", action="store_true",
                         help="sample with the checkpoint's EMA weights (saved by train.py --ema_decay)")
     parser.add_argument("--gpu", type=int, default=0,
-                        help="CUDA device index for one process (the CPU is used without CUDA); under "
-                             "accelerate launch or torchrun each process takes its own GPU")
+                        help="CUDA device of a single process (several processes: each its own)")
     return parser.parse_args(argv)
 
 

@@ -448,17 +448,13 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Train a DDPM on AFHQ (or any folder in AFHQ's layout), on one device or, "
                                         "under `accelerate launch` / `torchrun`, data-parallel on several.")
     parser.add_argument("--gpu", type=int, default=0,
-                        help="CUDA device index of a single-process run (the CPU is used without CUDA); under "
-                             "accelerate launch / torchrun each process uses its own GPU")
+                        help="CUDA device of a single process (several processes: each its own)")
     parser.add_argument("--batch_size", type=int, default=16,
-                        help="images per optimizer step, over all processes (the global batch, as in the course): "
-                             "each process takes batch_size / (processes x gradient_accumulation_steps) per "
-                             "micro-batch, which must divide evenly")
+                        help="images per optimizer step over all processes (the course's global batch)")
     parser.add_argument("--train_num_steps", type=int, default=100000, help="total number of optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     parser.add_argument("--log_interval", type=int, default=200,
-                        help="at step 0 and every this many steps: sample grid and trajectory strip; "
-                             "from step 1 on also the loss plot and last.ckpt")
+                        help="steps between sample figures, loss plot and last.ckpt")
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     parser.add_argument("--max_num_images_per_cat", type=int, default=3000,
                         help="max number of training images per class (-1 = all)")
@@ -482,10 +478,8 @@ def parse_args(argv=None):
                              f"(AFHQ is downloaded when the default {DEFAULT_ROOT} is missing)")
     parser.add_argument("--save_dir", default=None, help="output folder (default: results/diffusion-<timestamp>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue training from SAVE_DIR/last.ckpt exactly where it stopped (weights, "
-                             "optimizer, data order, random generators). The run keeps the checkpoint's recipe: a "
-                             "flag whose value differs from the checkpoint's is replaced by it, with a printed note "
-                             f"naming both; only {may_change} may change")
+                        help="continue exactly from SAVE_DIR/last.ckpt with its recipe; only "
+                             f"{may_change} may change")
     parser.add_argument("--ch", type=int, default=128, help="UNet base channels")
     parser.add_argument("--ch_mult", type=int, nargs="+", default=[1, 2, 2, 2],
                         help="UNet channel multiplier per resolution level")
@@ -496,16 +490,11 @@ def parse_args(argv=None):
 
     extra = parser.add_argument_group("beyond the course (GPU speed, several GPUs)")
     extra.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="autocast the UNet's forward pass (fp16 needs CUDA and scales the loss); weights and "
-                            "optimizer stay float32. Default: what `accelerate launch --mixed_precision` says, else "
-                            "no (the course's)")
+                       help="autocast the UNet (fp16 needs CUDA); default: accelerate's setting, else no")
     extra.add_argument("--ema_decay", type=float, default=None,
-                       help="also keep an exponential moving average of the weights with this decay (e.g. 0.9999), "
-                            "saved in last.ckpt as \"ema_state_dict\" and used for the sample figures; "
-                            "off by default (the course has none)")
+                       help="keep an EMA of the weights with this decay (e.g. 0.9999), saved and sampled; off by default")
     extra.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="split each process's share of the global batch into this many micro-batches whose "
-                            "gradients are summed before the optimizer step (less memory, same recipe)")
+                       help="micro-batches per optimizer step (less memory, same recipe)")
     return parser.parse_args(argv)
 
 

@@ -441,9 +441,7 @@ def build_parser():
                         help="settings sampled and scored at once (1 on a GPU; on a CPU, one per "
                              "core with OMP_NUM_THREADS=1)")
     parser.add_argument("--num_processes", type=int, default=1,
-                        help="processes sampling.py runs in for each setting (torchrun; one per GPU, "
-                             "each on its LOCAL_RANK's GPU, --gpu then unused; the time tables then "
-                             "sum the processes' times, as sampling.json's 'seconds' does)")
+                        help="sampling.py processes per setting (torchrun, one per GPU; times are summed)")
     parser.add_argument("--use_ema", action="store_true",
                         help="sample with the checkpoint's EMA weights (train.py --ema_decay)")
     parser.add_argument("--seed", type=int, default=63, help="sampling seed (sampling.py's default)")

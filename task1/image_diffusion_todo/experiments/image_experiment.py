@@ -29,10 +29,9 @@ was interrupted continues; delete OUT to start afresh.
 import os
 
 if __name__ == "__main__":
-    # One thread per process, set before numpy and torch start their thread pools. On a CPU
-    # shared with other work, 2 threads per process ran PyTorch 10x and scipy's sqrtm 5x
-    # slower than 1 thread in our measurements (the threads wait for each other whenever one
-    # is descheduled); parallelism comes from --jobs processes instead.
+    # One thread per process, set before numpy and torch start their thread pools: on a shared
+    # CPU, threads wait for each other whenever one is descheduled; parallelism comes from
+    # --jobs processes instead.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
 
