@@ -399,6 +399,10 @@ def test_16_bit_pngs_are_scaled_not_clipped(measure_fid, folders, tmp_path):
         Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "8" / f"{i}.png")
         Image.fromarray(pixels * 257).save(tmp_path / "16" / f"{i}.png")
     assert Image.open(tmp_path / "16" / "0.png").mode.startswith("I")
+    transform = measure_fid.image_transform(24)
+    for i in range(6):
+        eight_bit = measure_fid.load_image(tmp_path / "8" / f"{i}.png", transform)
+        assert torch.equal(measure_fid.load_image(tmp_path / "16" / f"{i}.png", transform), eight_bit)
     scorer = measure_fid.Scorer(folders / "random.ckpt", img_size=75, batch_size=6, device="cpu")
     eight = scorer.features(measure_fid.list_images(tmp_path / "8"))
     sixteen = measure_fid.list_images(tmp_path / "16")

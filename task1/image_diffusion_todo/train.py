@@ -53,6 +53,7 @@ GRID_DDIM_STEPS = 50
 TRAJECTORY_FRAMES = 10
 # Flags a --resume may change. Every other flag is the run's recipe (model, noise schedule, data,
 # optimisation, seed): on --resume the checkpoint's value wins, and a note names what differed.
+ERRORS = (UsageError, DatasetError, CheckpointError, OSError)  # what the script reports as one line (cli.run)
 RESUME_MAY_CHANGE = ("train_num_steps", "log_interval", "sample_method", "data_root", "save_dir", "resume", "gpu",
                      "num_workers", "mixed_precision", "gradient_accumulation_steps")
 
@@ -499,4 +500,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    run(main, parse_args(), (UsageError, DatasetError, CheckpointError, OSError))
+    run(main, parse_args(), ERRORS)
