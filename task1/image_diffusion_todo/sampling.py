@@ -29,7 +29,7 @@ from atomic_write import atomic_write, atomic_write_text
 from cli import ArgumentParser, UsageError, flags, pick_device, run
 from dataset import tensor_to_pil_image
 from model import CheckpointError, DiffusionModule
-from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler, check_eta
+from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler, check_denoises, check_eta
 from tqdm import tqdm
 
 SUMMARY_FILE = "sampling.json"
@@ -141,11 +141,13 @@ def load_diffusion(args) -> DiffusionModule:
         raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the checkpoint's T = {T}")
     if args.use_cfg and not ddpm.network.use_cfg:
         raise UsageError(f"{args.ckpt_path} was not trained with --use_cfg: it cannot do classifier-free guidance")
-    try:
-        ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps,
-                                             args.eta, timestep_spacing=args.timestep_spacing)
-    except ValueError as error:  # e.g. a sub-sequence that never denoises
-        raise UsageError(f"--ddim_steps {args.ddim_steps} --timestep_spacing {args.timestep_spacing}: {error}") from None
+    ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps, args.eta,
+                                         timestep_spacing=args.timestep_spacing)
+    if args.sample_method == "ddim":
+        try:  # the sub-sequence stays diffusers'; sampling x_T as x_0 is refused here
+            check_denoises(ddpm.var_scheduler.timesteps, args.timestep_spacing)
+        except ValueError as error:
+            raise UsageError(f"--ddim_steps {args.ddim_steps}: {error}") from None
     return ddpm
 
 

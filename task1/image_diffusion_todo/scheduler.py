@@ -300,10 +300,8 @@ class DDIMScheduler(BaseScheduler):
     def set_inference_timesteps(self, num_inference_timesteps: int):
         """Use S = num_inference_timesteps steps (1 <= S <= T); sets `timesteps` ([S], descending)
         and `prev_timesteps` ([S], where each step goes)."""
-        timesteps, prev_timesteps = ddim_sub_sequence(self.num_train_timesteps, num_inference_timesteps,
-                                                       self.timestep_spacing)
-        check_denoises(timesteps, self.timestep_spacing)
-        self.timesteps, self.prev_timesteps = timesteps, prev_timesteps
+        self.timesteps, self.prev_timesteps = ddim_sub_sequence(
+            self.num_train_timesteps, num_inference_timesteps, self.timestep_spacing)
         self.num_inference_timesteps = num_inference_timesteps
 
     def previous_timestep(self, t: int) -> int:
