@@ -33,13 +33,12 @@ IMAGE_FOLDER = Path(__file__).resolve().parents[1] / "task1" / "image_diffusion_
 sys.path.insert(0, str(IMAGE_FOLDER))
 from model import DiffusionModule, randn_per_image  # noqa: E402
 from network import UNet  # noqa: E402
-from sampling import split_batches  # noqa: E402
+import sampling  # noqa: E402
 from scheduler import DDPMScheduler  # noqa: E402
 
 T = 100
 RESOLUTION = 32
-SAMPLING_FLAGS = ["--sample_method", "ddim", "--ddim_steps", "25", "--eta", "0.5", "--num_samples", "16",
-                  "--batch_size", "4", "--seed", "0"]
+SAMPLING_SETTINGS = dict(sample_method="ddim", ddim_steps=25, eta=0.5, num_samples=16, batch_size=4, seed=0)
 MIN_SPEEDUP = 1.3
 
 
@@ -53,14 +52,14 @@ def run_sampling(ckpt, save_dir, num_processes: int) -> dict:
     """sampling.py in num_processes processes of one thread -> its sampling.json + "wall_seconds"."""
     launcher = [sys.executable] if num_processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes)]
-    command = [*launcher, "sampling.py", "--ckpt_path", str(ckpt), "--save_dir", str(save_dir), *SAMPLING_FLAGS]
+    command = [*launcher, *sampling.command(ckpt, save_dir, **SAMPLING_SETTINGS)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
     result = subprocess.run(command, cwd=IMAGE_FOLDER, env=env, capture_output=True, text=True)
     wall_seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    summary = json.loads((Path(save_dir) / "sampling.json").read_text())
+    summary = json.loads((Path(save_dir) / sampling.SUMMARY_FILE).read_text())
     return {**summary, "wall_seconds": wall_seconds}
 
 
@@ -83,12 +82,12 @@ def measure_speedup(num_processes: int = 2, rounds: int = 3) -> dict:
             for n in counts:
                 runs[n].append(run_sampling(ckpt, folder / f"{n}_{round_index}", n))
             same_images &= pngs(folder / f"1_{round_index}") == pngs(folder / f"{num_processes}_{round_index}")
-    num_samples, batch_size = runs[1][0]["num_samples"], int(SAMPLING_FLAGS[SAMPLING_FLAGS.index("--batch_size") + 1])
+    num_samples, batch_size = runs[1][0]["num_samples"], SAMPLING_SETTINGS["batch_size"]
     # the images are ready when the slowest process is done
     seconds = {n: [max(run["seconds_per_process"]) for run in runs[n]] for n in counts}
     per_process = {}  # each process's images / its time
     for n in counts:
-        shares = [sum(map(len, share)) for share in split_batches(num_samples, batch_size, n)]
+        shares = [sum(map(len, share)) for share in sampling.split_batches(num_samples, batch_size, n)]
         per_process[n] = statistics.median(images / s for run in runs[n]
                                            for images, s in zip(shares, run["seconds_per_process"]))
     return {"speedup": statistics.median(seconds[1]) / statistics.median(seconds[num_processes]),
@@ -125,7 +124,7 @@ def main():
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs")
 
     print(f"1. sampling.py, 1 process vs 2 (one thread each; small UNet {RESOLUTION}x{RESOLUTION}, "
-          f"{' '.join(SAMPLING_FLAGS)}; median of {args.rounds} interleaved rounds)")
+          f"{' '.join(sampling.command('CKPT', 'OUT', **SAMPLING_SETTINGS)[5:])}; median of {args.rounds} interleaved rounds)")
     result = measure_speedup(2, args.rounds)
     for n in (1, 2):
         print(f"   {n} process{'es' if n > 1 else ''}: reverse process {statistics.median(result['seconds'][n]):.2f} s "

@@ -7,11 +7,14 @@ module from one folder while making sure no module of another folder is picked u
 """
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 TASK1_2D = REPO / "task1" / "2d_plot_diffusion_todo"
@@ -68,3 +71,54 @@ def tiny_model(tmp_path_factory) -> Path:
     from task2_tiny_pipeline import tiny_pipeline_dir
 
     return tiny_pipeline_dir(tmp_path_factory)
+
+
+def diffusers_ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str) -> list:
+    """diffusers' DDIMScheduler(timestep_spacing=spacing).timesteps for S = num_steps, as a list.
+
+    Under trailing, diffusers' floating-point arange(T, 0, -T / S) gives S + 1 values for some S
+    (61, 103, ... at T = 1000), the last a timestep -1: the first S values are the sub-sequence.
+    """
+    from diffusers import DDIMScheduler
+
+    reference = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing=spacing, steps_offset=0)
+    reference.set_timesteps(num_steps)
+    timesteps = reference.timesteps.tolist()
+    if len(timesteps) == num_steps + 1:
+        assert spacing == "trailing" and timesteps[-1] == -1, (spacing, num_steps)
+        timesteps = timesteps[:-1]
+    return timesteps
+
+
+# --- Task 1-2 (image_diffusion_todo) ---------------------------------------------------------------
+
+AFHQ_CLASSES = ("cat", "dog", "wild")
+
+
+def run_image_script(script, *args, timeout=300):
+    """Run a course script from inside its folder, as students do; one thread (the CPU is shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=TASK1_IMAGE, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def make_afhq_folder(root, per_class=(6, 2), size=24, seed=0):
+    """root/{train,val}/{cat,dog,wild}/*.png|jpg: random images, a different mean colour per class."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val"), per_class):
+        for c, name in enumerate(AFHQ_CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(60 + 70 * c, 40, (size, size + 4, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / (f"{name}_{i:03d}." + ("jpg" if i % 2 else "png")))
+    return root

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from conftest import TASK1_2D, load_module
+from conftest import TASK1_2D, TASK1_IMAGE, diffusers_ddim_timesteps, load_module
 
 T = 1000
 
@@ -176,20 +176,25 @@ def test_ddim_trajectory_matches_diffusers(course, spacing, num_steps, eta):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-SUBSEQUENCE_STEPS = [1, 2, 3, 7, 10, 16, 20, 29, 30, 50, 61, 100, 103, 333, 500, 999, 1000]
-
-
 @pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
 def test_ddim_subsequences_equal_diffusers(course, spacing):
+    """Every S in 1..T (the trailing formula once drifted from diffusers' for 50 of them, e.g. S = 48)."""
     ddpm, *_ = course
-    for num_steps in SUBSEQUENCE_STEPS:
-        expected = diffusers_ddim(spacing, num_steps).timesteps.tolist()
-        if spacing == "trailing" and len(expected) == num_steps + 1:
-            # diffusers' floating-point arange(T, 0, -T / S) gives one value too many for some S
-            # (61, 103, ...): a last "timestep" of -1. The first S values are the sub-sequence.
-            assert expected[-1] == -1
-            expected = expected[:-1]
+    for num_steps in range(1, T + 1):
+        expected = diffusers_ddim_timesteps(T, num_steps, spacing)
         assert ddpm.ddim_timesteps(T, num_steps, spacing)[0].tolist() == expected, num_steps
+
+
+def test_both_task1_folders_use_one_spacing_rule(course):
+    """The 2D folder's ddim_timesteps and the image folder's ddim_sub_sequence agree for every
+    spacing and S, quadratic (which diffusers lacks) included."""
+    ddpm, *_ = course
+    image_scheduler = load_module(TASK1_IMAGE, "scheduler")
+    for spacing in ddpm.TIMESTEP_SPACINGS:
+        for num_steps in range(1, T + 1):
+            ours = ddpm.ddim_timesteps(T, num_steps, spacing)
+            theirs = image_scheduler.ddim_sub_sequence(T, num_steps, spacing)
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (spacing, num_steps)
 
 
 def test_quadratic_spacing_is_the_ddim_authors_formula(course):
@@ -401,7 +406,7 @@ def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(cour
     path.write_text("old")
     synced = []
     fsync = os.fsync
-    monkeypatch.setattr(ddpm.os, "fsync", lambda fd: synced.append(fd) or fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or fsync(fd))  # the os module ddpm.atomic_write calls
 
     def fail_halfway(f):
         f.write(b"half of the new")
@@ -646,3 +651,50 @@ def test_tutorial_notebook_runs_headless(tmp_path):
     images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) >= 4
+
+
+# --- issue 18: a DDIM sub-sequence that never denoises; an --out that holds a run --------------------------
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "quadratic"])
+def test_one_ddim_step_from_t_zero_is_refused(course, spacing):
+    """S = 1 is tau = [0] here (as in diffusers): the one step returns x_T as x_0. Trailing's is 999."""
+    ddpm, *_ = course
+    module = make_module(course)
+    assert ddpm.ddim_timesteps(T, 1, spacing)[0].tolist() == [0]
+    with pytest.raises(ValueError, match="only t = 0.*trailing"):
+        module.ddim_p_sample_loop((4, 2), num_inference_timesteps=1, timestep_spacing=spacing)
+    assert module.ddim_p_sample_loop((4, 2), num_inference_timesteps=1, timestep_spacing="trailing").shape == (4, 2)
+
+
+def test_spacing_table_never_marks_a_cell_that_never_denoises(experiment, tmp_path):
+    """S = 1: only trailing denoises; the other spacings get no CD (not x_T's CD, shown as best)."""
+    module = experiment.DiffusionModule(GaussianDenoiser(), experiment.BaseScheduler(T, beta_1=1e-4, beta_T=0.02))
+    reference = torch.randn(64, 2) * DATA_STD + DATA_MEAN
+    args = experiment.parse_args(["--out", str(tmp_path / "out"), "--ddim_steps", "1", "2", "--etas", "0",
+                                  "--timestep_spacing", "trailing", "--sampling_seeds", "2", "--timing_rounds", "1"])
+    ddpm, ddim, spacing_rows, samples = experiment.evaluate(module, reference, args, progress=False)
+    never = {(r["timestep_spacing"], r["steps"]) for r in spacing_rows if r["cd_mean"] is None}
+    assert never == {("leading", 1), ("linspace", 1), ("quadratic", 1)}
+    results = {"recipe": "course", "seed": 0, "train_seconds": 1.0, "train_cpu_seconds": 1.0, "floor_cd": 0.1,
+               "ddpm": ddpm, "ddim": ddim, "timestep_spacing": "trailing", "spacings": spacing_rows}
+    row = next(line for line in experiment.results_markdown(results).splitlines() if line.startswith("| 1 | 0.0 |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")][2:]
+    assert [cell.startswith("n/a") for cell in cells] == [True, True, False, True]
+    assert cells[2].startswith("**")  # the one cell that denoises is the best
+
+
+def test_run_experiment_refuses_a_used_out_and_steps_that_never_denoise(experiment, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiment, "load_twodim", lambda *a, **k: pytest.fail("drew data before refusing"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.ckpt").write_bytes(b"an earlier run's model")
+    for argv, message in [(["--out", str(out)], "holds an earlier run (model.ckpt): pass --overwrite"),
+                          (["--out", str(tmp_path / "new"), "--ddim_steps", "1"], "--ddim_steps 1: DDIM with 1 step")]:
+        with pytest.raises(SystemExit) as exit_info:
+            experiment.main(argv)
+        assert exit_info.value.code == 2
+        stderr = capsys.readouterr().err
+        assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert [p.name for p in out.iterdir()] == ["model.ckpt"] and (out / "model.ckpt").read_bytes() == b"an earlier run's model"
+    assert not (tmp_path / "new").exists()
+    assert experiment.parse_args(["--out", str(out), "--overwrite"]).overwrite

@@ -380,6 +380,37 @@ def test_bad_folders_and_sizes(measure_fid, folders, tmp_path, capsys):
     assert_one_line_error(code, err, "75")
 
 
+def test_argument_errors_are_one_line(measure_fid, folders, capsys):
+    """argparse's own errors too (it prints the usage block before the error otherwise)."""
+    for argv in ([folders / "a"], [folders / "a", folders / "b", "--img_size", "big"]):
+        code, err = main_error(measure_fid, argv, capsys)
+        assert code == 2
+        assert_one_line_error(code, err, "error:")
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(measure_fid, folders, tmp_path):
+    """A 16-bit grayscale copy (v * 257) of 8-bit grayscale images has the same features, FID ~ 0;
+    convert("RGB") alone clips every value above 255 to white."""
+    rng = np.random.default_rng(3)
+    for bits in (8, 16):
+        (tmp_path / str(bits)).mkdir()
+    for i in range(6):
+        pixels = rng.integers(0, 256, (24, 24)).astype(np.uint16)
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "8" / f"{i}.png")
+        Image.fromarray(pixels * 257).save(tmp_path / "16" / f"{i}.png")
+    assert Image.open(tmp_path / "16" / "0.png").mode.startswith("I")
+    transform = measure_fid.image_transform(24)
+    for i in range(6):
+        eight_bit = measure_fid.load_image(tmp_path / "8" / f"{i}.png", transform)
+        assert torch.equal(measure_fid.load_image(tmp_path / "16" / f"{i}.png", transform), eight_bit)
+    scorer = measure_fid.Scorer(folders / "random.ckpt", img_size=75, batch_size=6, device="cpu")
+    eight = scorer.features(measure_fid.list_images(tmp_path / "8"))
+    sixteen = measure_fid.list_images(tmp_path / "16")
+    np.testing.assert_allclose(scorer.features(sixteen), eight, rtol=0, atol=1e-6)
+    scores = scorer.score(sixteen, eight)
+    assert abs(scores["fid"]) < 1e-6 * scorer.score(measure_fid.list_images(folders / "a")[:6], eight)["fid"]
+
+
 # ------------------------------------------------------- experiments/train_classifier.py
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -9,44 +10,16 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import TASK1_IMAGE, load_module
+from conftest import TASK1_IMAGE, assert_one_line_error, load_module, make_afhq_folder
+from conftest import run_image_script as run_cli
 from PIL import Image
 
-CLASSES = ("cat", "dog", "wild")
+from conftest import AFHQ_CLASSES as CLASSES
 T = 20
 TINY_UNET = ["--image_resolution", "16", "--ch", "32", "--ch_mult", "1", "2", "--num_res_blocks", "1",
              "--num_diffusion_train_timesteps", str(T), "--batch_size", "4", "--num_workers", "0"]
 SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "timestep_spacing", "num_samples", "seed",
                  "use_ema", "num_processes", "seconds", "seconds_per_process"}
-
-
-def run_cli(script, *args, timeout=300):
-    """Run a course script from inside its folder, as students do; one thread (the CPU is shared)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=TASK1_IMAGE, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def make_afhq_folder(root, per_class=(6, 2), size=24, seed=0):
-    """root/{train,val}/{cat,dog,wild}/*.png|jpg: random images, a different mean colour per class."""
-    rng = np.random.default_rng(seed)
-    for split, count in zip(("train", "val"), per_class):
-        for c, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(60 + 70 * c, 40, (size, size + 4, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / (f"{name}_{i:03d}." + ("jpg" if i % 2 else "png")))
-    return root
 
 
 def snapshot(folder):
@@ -232,3 +205,135 @@ def test_download_unzips_into_afhq_layout(tmp_path):
     assert images.shape == (2, 3, 16, 16) and -1 <= images.min() and images.max() <= 1
     assert set(module.train_ds.labels) == {1, 2, 3}  # sorted class index + 1; 0 is the null class
     assert [p.name for p in dest.parent.iterdir()] == ["afhq"]  # no temporary files left
+
+
+# --- issue 18: bad floats, sample folders, paths, full disks, leftovers ---------------------------
+
+@pytest.mark.parametrize("args, needle", [
+    (["--use_cfg", "--cfg_scale", "nan"], "--cfg_scale must be a finite number"),
+    (["--use_cfg", "--cfg_scale", "inf"], "--cfg_scale must be a finite number"),
+    (["--sample_method", "ddim", "--ddim_steps", 1], "only t = 0"),
+    (["--sample_method", "ddim", "--ddim_steps", 1, "--timestep_spacing", "quadratic"], "trailing"),
+])
+def test_sampling_refuses_settings_that_give_garbage(trained, filled_dir, args, needle):
+    """NaN/inf guidance gives black PNGs; one DDIM step from t = 0 returns x_T as the image."""
+    before = snapshot(filled_dir)
+    assert_one_line_error(sample(trained[0] / "last.ckpt", filled_dir, *args), needle)
+    assert snapshot(filled_dir) == before
+
+
+def test_sampling_refuses_save_dirs_it_cannot_fill(trained, tmp_path):
+    ckpt = trained[0] / "last.ckpt"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    assert_one_line_error(sample(ckpt, a_file), "is a file")
+    assert a_file.read_text() == "keep me"
+
+    blocked = tmp_path / "blocked"
+    (blocked / "0.png").mkdir(parents=True)
+    assert_one_line_error(sample(ckpt, blocked), "folder named 0.png")
+    assert [p.name for p in blocked.iterdir()] == ["0.png"]
+
+    # an earlier run's 5 images: 3 new ones would leave 3.png and 4.png for measure_fid.py to score
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for i in range(5):
+        (earlier / f"{i}.png").write_bytes(b"earlier result")
+    before = snapshot(earlier)
+    assert_one_line_error(sample(ckpt, earlier), "3.png", "--num_samples 3")
+    assert snapshot(earlier) == before
+
+    if os.geteuid() != 0:  # root writes into read-only folders
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o500)
+        assert_one_line_error(sample(ckpt, read_only), "cannot write to --save_dir")
+
+
+def test_sampling_writes_each_png_atomically(trained, tmp_path, monkeypatch, capsys):
+    """A full disk half-way through a PNG leaves no partial or 0-byte {i}.png (OSError is one of
+    the errors sampling.py reports as one line)."""
+    sampling = load_module(TASK1_IMAGE, "sampling")
+    out = tmp_path / "out"
+    written = []
+
+    def save_then_fill_the_disk(image, fp, format=None, **params):
+        if written:
+            if isinstance(fp, (str, os.PathLike)):  # a save in place
+                with open(fp, "wb") as f:
+                    f.write(b"\x89PNG half")
+            else:
+                fp.write(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+        written.append(fp)
+        return original(image, fp, format=format, **params)
+
+    original = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", save_then_fill_the_disk)
+    args = sampling.parse_args(["--ckpt_path", str(trained[0] / "last.ckpt"), "--save_dir", str(out),
+                                "--num_samples", "3", "--batch_size", "3", "--sample_method", "ddim",
+                                "--ddim_steps", "2"])
+    with pytest.raises(OSError, match="No space left on device"):
+        sampling.main(args)
+    assert sorted(p.name for p in out.iterdir()) == ["0.png"]  # the whole first image, nothing else
+    assert Image.open(out / "0.png").size == (16, 16)
+    assert OSError in sampling.ERRORS
+
+
+def test_train_refuses_flags_and_paths_that_cannot_work(tmp_path):
+    train = load_module(TASK1_IMAGE, "train")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for flags, needle in [(["--lr", "inf"], "--lr must be a finite number"), (["--lr", "nan"], "--lr"),
+                          (["--num_workers", "-1"], "--num_workers must be >= 0"),
+                          (["--ch_mult", "1", "0"], "--ch_mult values must be >= 1"),
+                          (["--save_dir", str(a_file)], "is a file")]:
+        with pytest.raises(train.UsageError, match=re.escape(needle)):
+            train.check_args(train.parse_args(flags))
+    assert a_file.read_text() == "keep me"
+
+
+def test_train_full_disk_at_a_save_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The save fails with ENOSPC: one line, no .last.ckpt.*.tmp; a stale one a killed run left
+    (SIGKILL cannot be caught) is removed when the next run starts."""
+    train = load_module(TASK1_IMAGE, "train")
+    data = make_afhq_folder(tmp_path / "afhq", per_class=(2, 1), size=16)
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    (save_dir / ".last.ckpt.abc123.tmp").write_bytes(b"\0" * 1000)  # left by a killed run
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"part of a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", full_disk)
+    monkeypatch.setattr(train, "save_samples", lambda *args: None)
+    args = train.parse_args(["--data_root", str(data), "--save_dir", str(save_dir), *map(str, TINY_UNET),
+                             "--train_num_steps", "1", "--log_interval", "1"])
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(train.main, args, train.ERRORS)
+    assert str(exit_info.value.code).endswith("No space left on device")
+    assert "\n" not in str(exit_info.value.code)
+    assert not [p.name for p in save_dir.iterdir() if p.name.endswith(".tmp")]
+    assert not (save_dir / "last.ckpt").exists()
+
+
+def test_dataset_eval_dir_that_is_a_file_and_stale_temporary_folders(tmp_path):
+    dataset = load_module(TASK1_IMAGE, "dataset")
+    data = make_afhq_folder(tmp_path / "afhq", per_class=(1, 1), size=16)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    with pytest.raises(dataset.DatasetError, match="is a file"):
+        dataset.main(dataset.parse_args(["--data_root", str(data), "--eval_dir", str(a_file)]))
+    assert a_file.read_text() == "keep me"
+
+    stale = tmp_path / ".eval-tmp-killed"  # what a killed build leaves
+    stale.mkdir()
+    (stale / "cat_000.png").write_bytes(b"half")
+    dataset.main(dataset.parse_args(["--data_root", str(data), "--eval_dir", str(tmp_path / "eval")]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "afhq", "eval"]
+
+
+def test_convert_checkpoint_into_a_missing_folder_is_one_line(trained, tmp_path):
+    target = tmp_path / "missing" / "converted.ckpt"
+    assert_one_line_error(run_cli("convert_checkpoint.py", trained[0] / "last.ckpt", target), "no folder")
+    assert not target.parent.exists()

@@ -299,3 +299,16 @@ def test_each_ddim_step_goes_to_the_next_timestep(spacing, steps, predictor):
                                          timestep_spacing=spacing)
         diffusers_ddim = hf_ddim("linear", predictor, steps, spacing=spacing)
         assert ddim_max_diff(ours32, diffusers_ddim, predictor, 1.0, torch.float32) > 1e-2
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "quadratic"])
+def test_one_ddim_step_from_t_zero_is_refused(spacing):
+    """S = 1 under these spacings is tau = [0] (as in diffusers, so DDIMScheduler keeps it): a step
+    from alpha_bar_0 ~ 1 returns x_T as x_0. check_denoises, which sampling.py applies (tested in
+    test_image_cli.py), refuses it and names the fix; trailing's tau = [T - 1] passes."""
+    assert scheduler.ddim_sub_sequence(T, 1, spacing)[0].tolist() == [0]
+    with pytest.raises(ValueError, match="only t = 0.*trailing"):
+        scheduler.check_denoises(scheduler.ddim_sub_sequence(T, 1, spacing)[0], spacing)
+    trailing = scheduler.DDIMScheduler(T, BETA_1, BETA_T, num_inference_timesteps=1, timestep_spacing="trailing")
+    assert trailing.timesteps.tolist() == [T - 1]
+    scheduler.check_denoises(trailing.timesteps, "trailing")

@@ -14,9 +14,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TASK1_IMAGE, load_module
+from conftest import REPO, TASK1_IMAGE, load_module, make_afhq_folder
+from conftest import run_image_script as run_cli
 from PIL import Image
-from test_image_cli import make_afhq_folder, run_cli
 
 RESOLUTION, GLOBAL_BATCH, STEPS, LOG_INTERVAL, SEED = 16, 8, 8, 4, 5
 TINY = ["--image_resolution", RESOLUTION, "--ch", 64, "--ch_mult", 1, 2, "--num_res_blocks", 1,

@@ -3,15 +3,14 @@
 Notation follows the papers: alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s. Timesteps
 are 0-indexed, t in {0, ..., T-1}; alpha_bar before the first step is 1.
 """
-import os
-import tempfile
-from typing import BinaryIO, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic_write import atomic_write
 from network import SimpleNet
 
 
@@ -34,82 +33,52 @@ def extract(input: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) into a temporary file beside path, fsync it, then rename it over path.
-
-    Readers (and a crash) see the old file or the new one, never half of one; on failure the
-    temporary file is removed and path is untouched. The temporary file is in path's own folder
-    because a rename is only atomic within one file system.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing", "quadratic")
 
 
 def ddim_timesteps(num_train_timesteps: int, num_inference_timesteps: int, timestep_spacing: str = "leading"):
-    """DDIM's sub-sequence tau of S = num_inference_timesteps timesteps out of T, and where each step goes.
+    """DDIM's sub-sequence tau of S = num_inference_timesteps of the T training timesteps.
 
-    Returns (timesteps, prev_timesteps), both [S] int64 and descending: the sampler steps from
-    timesteps[i] to prev_timesteps[i] = timesteps[i + 1], the NEXT timestep of the sub-sequence,
-    and the last step goes to prev = -1, where alpha_bar = 1: a clean sample.
-
-    The spacings (0-indexed timesteps, i = 0, ..., S-1):
-    - "leading" (the course's default and diffusers'): tau_i = i * (T // S), from 0 up to
-      (S - 1) * (T // S), so x_T ~ N(0, I) enters at t = 900, not T - 1, when T = 1000 and S = 10.
-      The DDIM paper's "linear" selection (its appendix on choosing the sub-sequence); the
-      authors' code takes range(0, T, T // S), the same when S divides T.
-    - "linspace" (diffusers): tau_i = round(i * (T - 1) / (S - 1)), from 0 to T - 1.
-    - "trailing" (diffusers; Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
-      are Flawed", Table 2): tau = round(T - j * T / S) - 1 for j = 0..S-1, from T - 1 down to
-      round(T / S) - 1, so it starts at the last training timestep and never reaches t = 0 (its
-      last step jumps from round(T / S) - 1 straight to the clean sample).
-    - "quadratic" (the DDIM paper's choice for CIFAR-10, in the same appendix; the formula is the
-      authors' code's): tau_i = int((i * sqrt(0.8 T) / (S - 1)) ** 2), from 0 to 0.8 T, dense near
-      t = 0, where the noise level sqrt(1 - alpha_bar_t) changes fastest from one timestep to the next.
-
-    Where diffusers differs: its DDIMScheduler steps from t to t - T // S whatever the spacing.
-    Under "linspace" (and "trailing" when S does not divide T) that is not the next timestep of
-    the sub-sequence (T = 1000, S = 10, linspace: 999 -> 899, though the next is 888); here every
-    step goes to the next timestep. Its "trailing" also computes tau with a floating-point arange
-    that, for some S (61, 103, ...), yields S + 1 values ending in -1; here tau has S values.
-
-    Repeats: rounding can give one timestep twice only in "quadratic", where the squared grid is
-    denser than the integers near 0 (at T = 1000, for S > 29). The authors' code then takes an
-    identity step (alpha_bar_t = alpha_bar_prev): a network call spent for nothing. Here a repeat
-    is moved to one above its predecessor (tau_i = max(tau_i, tau_{i-1} + 1)), so tau always has
-    S distinct timesteps, all <= max(0.8 T, S - 1) <= T - 1, and S network calls all do work.
-    "leading" (step T // S >= 1), "linspace" and "trailing" (steps >= 1 before rounding) never
-    repeat one.
+    Returns (timesteps, prev_timesteps), both [S] int64 and descending: the step from timesteps[i]
+    goes to prev_timesteps[i] = timesteps[i + 1], the last one to -1, where alpha_bar = 1 (x_0).
+      leading    tau_i = i (T // S), from 0: the course's and diffusers' default (DDIM App. D.2).
+      linspace   tau_i = round(i (T - 1) / (S - 1)), from 0 to T - 1 (diffusers).
+      trailing   tau = round(arange(T, 0, -T / S)[:S]) - 1, from T - 1 down (Lin et al. 2023,
+                 Table 2); numpy's float arange as diffusers', which can give S + 1 points.
+      quadratic  tau_i = int((i sqrt(0.8 T) / (S - 1))^2), dense near 0 (DDIM App. D.2); a repeat
+                 moves to one above its predecessor, so S steps are S network calls that all work.
+    leading, linspace and trailing equal diffusers' DDIMScheduler.timesteps; every step goes to the
+    next timestep of tau (diffusers' goes to t - T // S, another point under linspace).
+    The same rule, written the same way, as image_diffusion_todo/scheduler.py's ddim_sub_sequence
+    (each folder is run on its own, so each holds a copy; tests check both).
     """
     T, S = num_train_timesteps, num_inference_timesteps
     if not 1 <= S <= T:
-        raise ValueError(f"num_inference_timesteps must be in [1, {T}], got {S}")
+        raise ValueError(f"num_inference_timesteps (the number of DDIM steps) must be in [1, {T}], got {S}")
     if timestep_spacing == "leading":
-        tau = np.arange(S) * (T // S)
+        ascending = np.arange(S) * (T // S)
     elif timestep_spacing == "linspace":
-        tau = np.round(np.linspace(0, T - 1, S))
+        ascending = np.linspace(0, T - 1, S).round()
     elif timestep_spacing == "trailing":
-        tau = (np.round(T - np.arange(S) * (T / S)) - 1)[::-1]
+        ascending = (np.round(np.arange(T, 0, -T / S))[:S] - 1)[::-1]
     elif timestep_spacing == "quadratic":
-        tau = (np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64)
+        ascending = (np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64)
         for i in range(1, S):
-            tau[i] = max(tau[i], tau[i - 1] + 1)
+            ascending[i] = max(ascending[i], ascending[i - 1] + 1)
     else:
-        raise ValueError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}; got {timestep_spacing!r}")
-    timesteps = torch.from_numpy(tau[::-1].astype(np.int64).copy())
+        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}: "
+                         f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}")
+    timesteps = torch.from_numpy(ascending[::-1].astype(np.int64).copy())
     prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
     return timesteps, prev_timesteps
+
+
+def check_denoises(timesteps: torch.Tensor, timestep_spacing: str) -> None:
+    """ValueError when a DDIM sub-sequence [S] is t = 0 alone (S = 1 under leading, linspace or
+    quadratic): its one step starts where alpha_bar_0 ~ 1 and returns the noise x_T as x_0."""
+    if int(timesteps[0]) == 0:
+        raise ValueError(f"DDIM with {len(timesteps)} step under {timestep_spacing} spacing visits only t = 0 and "
+                         f"returns the noise x_T unchanged: use trailing spacing or more steps")
 
 
 def check_eta(eta: float) -> None:
@@ -251,6 +220,7 @@ class DiffusionModule(nn.Module):
         timesteps, prev_timesteps = ddim_timesteps(
             self.var_scheduler.num_train_timesteps, num_inference_timesteps, timestep_spacing
         )
+        check_denoises(timesteps, timestep_spacing)
         xt = torch.randn(shape, device=self.device)
         for t, t_prev in zip(timesteps, prev_timesteps):
             xt = self.ddim_p_sample(xt, t, t_prev, eta)

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
-from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, atomic_write, check_eta, ddim_timesteps
+from atomic_write import atomic_write_text
+from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_denoises, check_eta, ddim_timesteps
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -39,6 +40,7 @@ DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
 # steps is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
 TIMING_ROUNDS = 3
 MIN_TIMED_STEPS = 300
+OUTPUTS = ("model.ckpt", "results.json", "results.md")  # what a run writes besides its figures
 
 
 @dataclass
@@ -99,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timing_rounds", type=int, default=TIMING_ROUNDS,
                         help="interleaved rounds over which each sampler's time is the median")
     parser.add_argument("--gpu", type=int, default=0, help="which CUDA device to use when CUDA is available")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results and model.ckpt of an earlier run in --out")
     args = parser.parse_args(argv)
 
     bad_steps = [s for s in args.ddim_steps if not 1 <= s <= NUM_TRAIN_TIMESTEPS]
@@ -109,6 +113,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_eta(eta)
         except ValueError as error:
             parser.error(f"--etas: {error}")
+    for steps in args.ddim_steps:
+        try:
+            check_denoises(ddim_timesteps(NUM_TRAIN_TIMESTEPS, steps, args.timestep_spacing)[0], args.timestep_spacing)
+        except ValueError as error:
+            parser.error(f"--ddim_steps {steps}: {error}")
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
@@ -117,6 +126,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sampling_seeds must be >= 1, got {args.sampling_seeds}")
     if args.timing_rounds < 1:
         parser.error(f"--timing_rounds must be >= 1, got {args.timing_rounds}")
+    earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
+    if earlier and not args.overwrite:
+        parser.error(f"--out {args.out} holds an earlier run ({', '.join(earlier)}): pass --overwrite to replace it, "
+                     f"or choose another --out")
     try:
         os.makedirs(args.out, exist_ok=True)
         with tempfile.TemporaryFile(dir=args.out):
@@ -124,11 +137,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     except OSError as error:
         parser.error(f"cannot write to --out {args.out!r}: {error.strerror or error}")
     return args
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """ddpm.atomic_write for a str (UTF-8)."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def learning_rate_factor(iteration: int, recipe: Recipe) -> float:
@@ -216,6 +224,15 @@ def mean_and_standard_error(values: List[float]):
     return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
+def denoises(num_train_timesteps: int, steps: int, spacing: str) -> bool:
+    """False for a sub-sequence of t = 0 alone (ddpm.check_denoises), which returns x_T as x_0."""
+    try:
+        check_denoises(ddim_timesteps(num_train_timesteps, steps, spacing)[0], spacing)
+    except ValueError:
+        return False
+    return True
+
+
 def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True):
     """CD against reference [N, 2] of DDPM and of DDIM for every (spacing, steps, eta), over
     args.sampling_seeds draws of x_T; the time of DDPM and of the grid's spacing
@@ -234,11 +251,12 @@ def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bo
     for spacing in spacings:
         for eta in args.etas:
             for steps in args.ddim_steps:
-                samplers[(spacing, steps, eta)] = (
-                    lambda steps=steps, eta=eta, spacing=spacing: model.ddim_p_sample_loop(
-                        shape, num_inference_timesteps=steps, eta=eta, timestep_spacing=spacing),
-                    steps,
-                )
+                if denoises(num_train_timesteps, steps, spacing):  # no cell for x_T returned as x_0
+                    samplers[(spacing, steps, eta)] = (
+                        lambda steps=steps, eta=eta, spacing=spacing: model.ddim_p_sample_loop(
+                            shape, num_inference_timesteps=steps, eta=eta, timestep_spacing=spacing),
+                        steps,
+                    )
 
     samples, cds, key_of_trajectory = {}, {}, {}
     for key, (sample_fn, _) in tqdm(samplers.items(), desc="sampling", disable=not progress):
@@ -261,6 +279,8 @@ def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bo
     seconds = time_samplers(timed, device, args.timing_rounds, progress)
 
     def cd_fields(key) -> dict:
+        if key not in cds:  # a sub-sequence that never denoises: no CD
+            return {"cd": None, "cd_mean": None, "cd_se": None, "cds": []}
         mean, standard_error = mean_and_standard_error(cds[key])
         return {"cd": cds[key][0], "cd_mean": mean, "cd_se": standard_error, "cds": cds[key]}
 
@@ -288,6 +308,8 @@ def results_markdown(results: dict) -> str:
     spacing_rows = {(row["timestep_spacing"], row["steps"], row["eta"]): row for row in results["spacings"]}
 
     def mean_pm_se(row: dict) -> str:
+        if row["cd_mean"] is None:
+            return "n/a (only t = 0)"
         return f"{row['cd_mean']:.3f}" + ("" if row["cd_se"] is None else f" ± {row['cd_se']:.3f}")
 
     spacing_table = ["| steps S | eta | " + " | ".join(TIMESTEP_SPACINGS) + " |",
@@ -295,7 +317,7 @@ def results_markdown(results: dict) -> str:
     for eta in etas:
         for s in steps:
             row = [spacing_rows[(spacing, s, eta)] for spacing in TIMESTEP_SPACINGS]
-            best = min(r["cd_mean"] for r in row)
+            best = min(r["cd_mean"] for r in row if r["cd_mean"] is not None)
             cells = [f"**{mean_pm_se(r)}**" if r["cd_mean"] == best else mean_pm_se(r) for r in row]
             spacing_table.append(f"| {s} | {eta} | " + " | ".join(cells) + " |")
     num_draws = len(results["ddpm"]["cds"])
@@ -343,12 +365,7 @@ def scatter_panel(ax, reference: torch.Tensor, samples: torch.Tensor, title: str
     ax.set(title=title, xlim=(-4.5, 4.5), ylim=(-4.5, 4.5), aspect="equal", xticks=[], yticks=[])
 
 
-def save_figures(out: str, results: dict, losses: List[float], samples: dict, reference: torch.Tensor):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def save_loss_figure(plt, out: str, results: dict, losses: List[float]) -> None:
     window = max(1, len(losses) // 100)
     smoothed = np.convolve(losses, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -360,9 +377,10 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     fig.savefig(os.path.join(out, "loss.png"), dpi=120)
     plt.close(fig)
 
-    spacing = results["timestep_spacing"]
-    steps = sorted({row["steps"] for row in results["ddim"]})
-    etas = sorted({row["eta"] for row in results["ddim"]})
+
+def save_samples_figure(plt, out: str, results: dict, samples: dict, reference: torch.Tensor) -> None:
+    """DDPM and DDIM at every S (the first eta) on the grid's spacing, over the target."""
+    spacing, steps, etas = grid_axes(results)
     cds = {(row["steps"], row["eta"]): row["cd"] for row in results["ddim"]}
     panels = [("ddpm", f"DDPM 1000 steps\nCD {results['ddpm']['cd']:.2f}")]
     panels += [((spacing, s, etas[0]), f"DDIM {s} steps, eta {etas[0]}\nCD {cds[(s, etas[0])]:.2f}") for s in steps]
@@ -375,10 +393,13 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     fig.savefig(os.path.join(out, "samples.png"), dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    ddim_rows = results["ddim"]
+
+def save_cd_time_figure(plt, out: str, results: dict) -> None:
+    """CD and sampling time against S, one line per eta, on the grid's spacing."""
+    spacing, steps, etas = grid_axes(results)
     fig, (ax_cd, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
     for eta in etas:
-        rows = [r for r in ddim_rows if r["eta"] == eta]
+        rows = [r for r in results["ddim"] if r["eta"] == eta]
         ax_cd.plot([r["steps"] for r in rows], [r["cd"] for r in rows], marker="o", label=f"DDIM eta={eta}")
         ax_time.plot([r["steps"] for r in rows], [r["seconds"] for r in rows], marker="o", label=f"DDIM eta={eta}")
     ax_cd.axhline(results["ddpm"]["cd"], color="black", linestyle="--", label="DDPM (1000 steps)")
@@ -395,11 +416,15 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     fig.savefig(os.path.join(out, "cd_time_vs_steps.png"), dpi=120)
     plt.close(fig)
 
-    # CD against S, one line per spacing, one panel per eta.
+
+def save_spacing_figures(plt, out: str, results: dict, samples: dict, reference: torch.Tensor) -> None:
+    """CD against S per spacing (one panel per eta), and every spacing's samples at the fewest S."""
+    _, steps, etas = grid_axes(results)
     fig, axes = plt.subplots(1, len(etas), figsize=(4.5 * len(etas), 4), squeeze=False, sharey=True)
     for ax, eta in zip(axes[0], etas):
         for name in TIMESTEP_SPACINGS:
-            rows = [r for r in results["spacings"] if r["timestep_spacing"] == name and r["eta"] == eta]
+            rows = [r for r in results["spacings"]
+                    if r["timestep_spacing"] == name and r["eta"] == eta and r["cd_mean"] is not None]
             ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], marker="o", capsize=3,
                         yerr=[r["cd_se"] or 0 for r in rows], label=name)
         ax.axhline(results["ddpm"]["cd"], color="black", linestyle="--", label="DDPM (1000 steps)")
@@ -420,12 +445,33 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     spacing_cd = {(r["timestep_spacing"], r["steps"], r["eta"]): r["cd"] for r in results["spacings"]}
     for row, eta in zip(axes, etas):
         for ax, name in zip(row, TIMESTEP_SPACINGS):
-            scatter_panel(ax, reference, samples[(name, fewest, eta)],
-                          f"{name}, eta {eta}\nCD {spacing_cd[(name, fewest, eta)]:.2f}")
+            key = (name, fewest, eta)
+            if key in samples:
+                scatter_panel(ax, reference, samples[key], f"{name}, eta {eta}\nCD {spacing_cd[key]:.2f}")
+            else:
+                scatter_panel(ax, reference, reference[:0], f"{name}, eta {eta}\nonly t = 0: never denoises")
     fig.suptitle(f"DDIM with {fewest} steps")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "samples_by_spacing.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def grid_axes(results: dict):
+    """(the grid's spacing, its steps sorted, its etas sorted)."""
+    return (results["timestep_spacing"], sorted({row["steps"] for row in results["ddim"]}),
+            sorted({row["eta"] for row in results["ddim"]}))
+
+
+def save_figures(out: str, results: dict, losses: List[float], samples: dict, reference: torch.Tensor):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    save_loss_figure(plt, out, results, losses)
+    save_samples_figure(plt, out, results, samples, reference)
+    save_cd_time_figure(plt, out, results)
+    save_spacing_figures(plt, out, results, samples, reference)
 
 
 def main(argv=None) -> dict:
@@ -435,8 +481,8 @@ def main(argv=None) -> dict:
         recipe = replace(recipe, num_iterations=args.iterations)
     device = torch.device(f"cuda:{args.gpu}" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        # A 2D MLP gains little from a second thread, and on a busy machine OpenMP threads that
-        # spin-wait for each other make timings erratic (measured: up to 20x slower).
+        # a 2D MLP gains little from a second thread, and OpenMP threads that spin-wait for each
+        # other on a busy machine make the timings erratic
         torch.set_num_threads(1)
 
     np.random.seed(args.seed)
@@ -470,4 +516,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # the one place errors of the code below become one line (bad flags: parse_args, exit 2)
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as error:
+        sys.exit(f"run_experiment.py: error: {error}")

@@ -1,11 +1,7 @@
-"""Plumbing shared by the scripts of this folder: bad input is answered with one line on stderr
-and a non-zero exit, never a traceback; files that matter are written atomically."""
+"""The error policy of this folder's scripts: code below a script raises a typed error; the
+script's entry point (run) catches it once and prints one line on stderr, never a traceback."""
 import argparse
-import os
 import sys
-import tempfile
-from pathlib import Path
-from typing import BinaryIO, Callable
 
 import torch
 
@@ -26,6 +22,8 @@ def run(main, args, expected_errors):
     try:
         main(args)
     except expected_errors as error:
+        if isinstance(error, OSError) and error.strerror:  # e.g. a full disk: "No space left on device: PATH"
+            error = f"{error.strerror}" + (f": {error.filename}" if error.filename else "")
         lines = [line for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         message = lines[0]
         if "Traceback" in str(error):
@@ -45,40 +43,13 @@ def pick_device(gpu: int) -> torch.device:
     return torch.device(f"cuda:{gpu}")
 
 
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-# the permissions open() and mkdir() give (mkstemp's and mkdtemp's are owner-only); the umask is
-# read once, at import, because it can only be read by setting it
-UMASK = _read_umask()
-FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
-
-
-def atomic_write(path, write: Callable[[BinaryIO], None]) -> None:
-    """write(f) into a temporary file beside path, fsync it, then rename it over path.
-
-    Readers (and a crash) see the old file or the new one, never half of one; on failure the
-    temporary file is removed and path is untouched. The temporary file is in path's own folder
-    because a rename is only atomic within one file system; it gets the permissions open() would
-    give (mkstemp's are owner-only).
-    """
-    path = Path(path)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), FILE_MODE)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def atomic_write_text(path, text: str) -> None:
-    """atomic_write for a str (UTF-8)."""
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+def flags(options: dict) -> list:
+    """{"ch_mult": [1, 2], "use_ema": True, "seed": None} -> ["--ch_mult", "1", "2", "--use_ema"]: a
+    script's command-line flags from a dict (True: a switch; False and None: left out)."""
+    argv = []
+    for name, value in options.items():
+        if isinstance(value, bool):
+            argv += [f"--{name}"] if value else []
+        elif value is not None:
+            argv += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return argv

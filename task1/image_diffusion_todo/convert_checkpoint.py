@@ -28,6 +28,8 @@ def main(args):
     source, target = Path(args.input), Path(args.output)
     if target.exists():
         raise UsageError(f"{target} already exists: choose another output path (nothing was written)")
+    if not target.parent.is_dir():
+        raise UsageError(f"no folder {target.parent} to write {target.name} into: create it or choose another output path")
     ddpm = DiffusionModule(None, None)
     checkpoint = ddpm.load(source, predictor=args.predictor)
     if checkpoint.get("format") != "course":

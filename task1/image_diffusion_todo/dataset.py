@@ -23,7 +23,9 @@ from typing import Optional
 
 import torch
 import torchvision.transforms as transforms
-from cli import DIR_MODE, ArgumentParser, run
+from atomic_write import DIR_MODE
+from cli import ArgumentParser, run
+from fid.image_files import list_images, to_rgb
 from PIL import Image
 from tqdm import tqdm
 
@@ -31,7 +33,6 @@ AFHQ_URL = "https://www.dropbox.com/s/t9l9o3vsx2jai3z/afhq.zip?dl=1"
 # where the course's AFHQDataModule("data") keeps AFHQ: the default --data_root of train.py and dataset.py
 DEFAULT_ROOT = os.path.join("data", "afhq")
 EVAL_FORMATS = ("source", "png")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class DatasetError(ValueError):
@@ -39,8 +40,8 @@ class DatasetError(ValueError):
 
 
 def listdir(dname):
-    """Image files under dname (recursively), sorted: [Path]."""
-    return sorted(p for p in Path(dname).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files under dname (recursively), sorted: [Path] (the course's name for list_images)."""
+    return list_images(dname)
 
 
 def tensor_to_pil_image(x: torch.Tensor, single_image=False):
@@ -63,7 +64,7 @@ def open_rgb(path) -> Image.Image:
     """Load an image as RGB; DatasetError naming the file when it cannot be decoded."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
     except Exception as error:
         raise DatasetError(f"unreadable image {path}: {error}") from None
 
@@ -213,6 +214,9 @@ def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "va
     if repeated:
         raise DatasetError(f"two {split} images would both be {eval_dir / repeated[0]} (the eval folder is flat)")
     eval_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a killed earlier build leaves its temporary folder (an error or Ctrl-C removes it below)
+    for stale in eval_dir.parent.glob(f".{eval_dir.name}-tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=eval_dir.parent, prefix=f".{eval_dir.name}-tmp-"))
     try:
         os.chmod(tmp, DIR_MODE)
@@ -232,6 +236,8 @@ def prepare_eval_dir(data_root, eval_dir, resolution: int = 64, split: str = "va
 def main(args):
     data_root = Path(args.data_root)
     eval_dir = Path(args.eval_dir) if args.eval_dir else data_root / "eval"
+    if eval_dir.exists() and not eval_dir.is_dir():
+        raise DatasetError(f"--eval_dir {eval_dir} is a file, not a folder: choose another --eval_dir")
     if eval_dir.exists() and any(eval_dir.iterdir()):
         print(f"{eval_dir} already exists ({sum(1 for _ in eval_dir.iterdir())} files); delete it to rebuild")
         return

@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from cli import atomic_write
+from atomic_write import atomic_write
 from course_checkpoint import CourseCheckpointError, read_course_checkpoint
 from network import UNet
 from scheduler import DDPMScheduler, check_predictor

@@ -4,48 +4,63 @@
     accelerate launch --num_processes 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
     torchrun --nproc_per_node 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
 
-Writes SAVE_DIR/{i}.png for i = 0..num_samples-1 and SAVE_DIR/sampling.json. The checkpoint may be
-one train.py wrote or a course (Lab-1) file (read without running code from it, see
-course_checkpoint.py). The noise schedule (T, betas, schedule mode) and the predictor come from
-the checkpoint: the course's flags --predictor, --mode, --beta_1, --beta_T may repeat them, a flag
-that contradicts the checkpoint stops the run, and --predictor fills in what a 2025 Lab-1 file
-lacks. --use_ema samples with the checkpoint's EMA weights (train.py --ema_decay).
+Writes SAVE_DIR/{i}.png for i = 0..num_samples-1 (image_path) and SAVE_DIR/sampling.json. The
+checkpoint may be one train.py wrote or a course (Lab-1) file (read without running its code). The
+noise schedule and the predictor come from the checkpoint: the course's --predictor, --mode,
+--beta_1, --beta_T may repeat them; one that contradicts it stops the run.
 
-Image i depends on (--seed, i) alone, so the same flags give the same PNGs whatever the number of
-processes and --batch_size:
-  - image i has its own torch.Generator, seeded from (seed, i) (image_seed). It draws, in this
-    order, i's class label (--use_cfg), x_T[i], and i's noise at every step. A batch draws
-    [1, C, H, W] from each of its B generators: B small draws per step, next to which one network
-    call on the batch costs far more (benchmarks/bench_sampling.py measures both).
-  - the images are cut into the batches one process would sample, [0, B), [B, 2B), ..., and each
-    of N processes (accelerate launch / torchrun) samples a contiguous block of those batches and
-    writes only its own PNGs. So a batch holds the same images whatever N, and N processes give
-    the bytes of one process even on hardware whose kernels round differently for other batch
-    sizes. (A different --batch_size gives the same images up to such rounding: on a CPU, the
-    same bytes; tests/test_image_sampling_distributed.py checks both.)
-The main process writes sampling.json once, after every process has finished.
+Image i depends on (--seed, i) alone, whatever --batch_size and the number of processes: it has
+its own torch.Generator seeded from (seed, i), which draws its class label (--use_cfg), x_T and
+its noise at every step; the images are cut into the batches one process would sample and each
+of N processes takes a contiguous block of them, so N processes write the bytes of one.
 """
 import json
 import math
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
-from cli import ArgumentParser, UsageError, pick_device, run, atomic_write_text
+from atomic_write import atomic_write, atomic_write_text
+from cli import ArgumentParser, UsageError, flags, pick_device, run
 from dataset import tensor_to_pil_image
 from model import CheckpointError, DiffusionModule
-from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler
+from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler, check_denoises, check_eta
 from tqdm import tqdm
+
+SUMMARY_FILE = "sampling.json"
+ERRORS = (UsageError, CheckpointError, OSError)  # what the script reports as one line (cli.run)
+
+
+def image_path(save_dir, i: int) -> Path:
+    """Where image i goes: SAVE_DIR/{i}.png, the layout measure_fid.py and fid_grid.py read."""
+    return Path(save_dir) / f"{i}.png"
+
+
+def command(ckpt_path, save_dir, **settings) -> list:
+    """The argv of `python sampling.py` for settings keyed by this script's flag names, e.g.
+    command(ckpt, out, sample_method="ddim", ddim_steps=10, eta=0.5, use_ema=True): the one place
+    where this script's command line is built for it by another program."""
+    argv = ["--ckpt_path", str(ckpt_path), "--save_dir", str(save_dir), *flags(settings)]
+    unknown = set(settings) - set(vars(parse_args(argv)))
+    if unknown:
+        raise ValueError(f"sampling.py has no flag --{sorted(unknown)[0]}")
+    return ["sampling.py", *argv]
 
 
 def check_args(args):
     if args.ddim_steps < 1:
         raise UsageError(f"--ddim_steps must be >= 1, got {args.ddim_steps}")
-    if not 0 <= args.eta <= 1:
-        raise UsageError(f"--eta must be in [0, 1], got {args.eta}")
+    try:
+        check_eta(args.eta)
+    except ValueError as error:
+        raise UsageError(f"--{error}") from None
+    if not math.isfinite(args.cfg_scale):
+        raise UsageError(f"--cfg_scale must be a finite number, got {args.cfg_scale}")
     if args.num_samples < 1 or args.batch_size < 1:
         raise UsageError("--num_samples and --batch_size must be >= 1")
     if args.seed < 0:
@@ -111,9 +126,9 @@ def describe_split(shares, batch_size: int) -> str:
     return f"{processes}: {' + '.join(map(str, counts))} images (batches of up to {batch_size})"
 
 
-def main(args):
-    check_args(args)
-
+def load_diffusion(args) -> DiffusionModule:
+    """The checkpoint's model with the sampler the flags ask for; UsageError or CheckpointError
+    (before anything is written) when the flags and the checkpoint do not fit."""
     ddpm = DiffusionModule(None, None)
     checkpoint = ddpm.load(args.ckpt_path)
     check_course_flags(args, checkpoint["config"]["predictor"], ddpm.var_scheduler.config)
@@ -128,6 +143,48 @@ def main(args):
         raise UsageError(f"{args.ckpt_path} was not trained with --use_cfg: it cannot do classifier-free guidance")
     ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps, args.eta,
                                          timestep_spacing=args.timestep_spacing)
+    if args.sample_method == "ddim":
+        try:  # the sub-sequence stays diffusers'; sampling x_T as x_0 is refused here
+            check_denoises(ddpm.var_scheduler.timesteps, args.timestep_spacing)
+        except ValueError as error:
+            raise UsageError(f"--ddim_steps {args.ddim_steps}: {error}") from None
+    return ddpm
+
+
+def prepare_save_dir(save_dir: Path, num_samples: int) -> None:
+    """Create save_dir, or stop with a UsageError (nothing written) when it cannot take this
+    run's images: a file, not writable, an image's name taken by a folder, or PNGs {i}.png with
+    i >= num_samples from another run, which measure_fid.py would score with this run's."""
+    if save_dir.exists():
+        if not save_dir.is_dir():
+            raise UsageError(f"--save_dir {save_dir} is a file, not a folder: choose another --save_dir")
+        taken = next((path for path in map(partial(image_path, save_dir), range(num_samples)) if path.is_dir()), None)
+        if taken is not None:
+            raise UsageError(f"--save_dir {save_dir} holds a folder named {taken.name}: move it or choose another --save_dir")
+        others = sorted(int(path.stem) for path in save_dir.glob("*.png") if path.stem.isdigit())
+        others = [i for i in others if i >= num_samples]
+        if others:
+            raise UsageError(f"--save_dir {save_dir} holds {len(others)} images of another run ({others[0]}.png ...) "
+                             f"beyond --num_samples {num_samples}, which measure_fid.py would score too: "
+                             f"delete them or choose an empty --save_dir")
+    try:
+        save_dir.mkdir(exist_ok=True, parents=True)
+        with tempfile.TemporaryFile(dir=save_dir):
+            pass
+    except OSError as error:
+        raise UsageError(f"cannot write to --save_dir {save_dir}: {error.strerror or error}") from None
+
+
+def save_png(image, path: Path) -> None:
+    """A PNG written atomically: a kill or a full disk leaves the old file or none, never part of one."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def main(args):
+    check_args(args)
+    ddpm = load_diffusion(args)
+    save_dir = Path(args.save_dir)
+    prepare_save_dir(save_dir, args.num_samples)
 
     # one process under plain python; N under accelerate launch or torchrun (gloo without CUDA)
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -138,8 +195,6 @@ def main(args):
     if state.is_main_process:
         print(describe_split(shares, args.batch_size), flush=True)
 
-    save_dir = Path(args.save_dir)
-    save_dir.mkdir(exist_ok=True, parents=True)
     num_classes = ddpm.network.config["num_classes"]
 
     seconds = 0.0
@@ -162,7 +217,7 @@ def main(args):
         seconds += time.perf_counter() - start
 
         for i, img in zip(indices, tensor_to_pil_image(samples)):
-            img.save(save_dir / f"{i}.png")
+            save_png(img, image_path(save_dir, i))
 
     seconds_per_process = gather_object([seconds])  # waits for every process
     if state.is_main_process:
@@ -179,7 +234,7 @@ def main(args):
             "seconds": sum(seconds_per_process),
             "seconds_per_process": seconds_per_process,
         }
-        atomic_write_text(save_dir / "sampling.json", json.dumps(summary, indent=2))
+        atomic_write_text(save_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         print(f"Saved {args.num_samples} images to {save_dir} ({summary['seconds']:.1f} s of sampling"
               + (f" over {state.num_processes} processes)" if state.num_processes > 1 else ")"))
 
@@ -187,11 +242,8 @@ def main(args):
 def parse_args(argv=None):
     parser = ArgumentParser(
         description="Sample images from a checkpoint written by train.py, or by the course's code (Lab 1).",
-        epilog="--predictor, --mode, --beta_1 and --beta_T are the course's flags. The checkpoint's values "
-               "are used: a flag that contradicts them stops the run; --predictor fills in what a 2025 "
-               "Lab-1 file does not record (default then: noise). Several processes share the images "
-               "under 'accelerate launch --num_processes N sampling.py ...' or 'torchrun --nproc_per_node N "
-               "sampling.py ...', with the images one process writes.")
+        epilog="--predictor, --mode, --beta_1, --beta_T: the checkpoint's values are used; a flag that "
+               "contradicts them stops the run. Several processes: accelerate launch or torchrun.")
     parser.add_argument("--ckpt_path", required=True,
                         help="checkpoint: last.ckpt written by train.py, or a course (Lab-1) checkpoint")
     parser.add_argument("--save_dir", required=True, help="output folder for {i}.png and sampling.json")
@@ -200,8 +252,7 @@ def parse_args(argv=None):
     parser.add_argument("--ddim_steps", type=int, default=50, help="number of DDIM steps (1..T)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
     parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default="leading",
-                        help="which DDIM steps: leading (the course's: multiples of T//S from 0), linspace "
-                             "(0 to T-1), trailing (from T-1 down), quadratic (dense near 0, the DDIM paper's)")
+                        help="which DDIM timesteps (see scheduler.ddim_sub_sequence); leading is the course's")
     parser.add_argument("--predictor", choices=PREDICTORS, default=None,
                         help="what the network predicts (course default: noise)")
     parser.add_argument("--mode", choices=SCHEDULES, default=None, help="beta schedule (course default: linear)")
@@ -209,21 +260,17 @@ def parse_args(argv=None):
     parser.add_argument("--beta_T", type=float, default=None, help="last beta (course default: 0.02)")
     parser.add_argument("--num_samples", type=int, default=500, help="number of images to generate")
     parser.add_argument("--batch_size", type=int, default=64, help="images sampled at once (by each process)")
-    parser.add_argument("--seed", type=int, default=63,
-                        help="random seed: image i depends on (seed, i) alone, whatever --batch_size and "
-                             "the number of processes")
+    parser.add_argument("--seed", type=int, default=63, help="random seed: image i depends on (seed, i) alone")
     parser.add_argument("--use_cfg", action="store_true",
-                        help="classifier-free guidance with random class labels (needs a --use_cfg checkpoint; "
-                             "without it, a class-conditional checkpoint samples with the null label)")
+                        help="classifier-free guidance with random class labels (needs a --use_cfg checkpoint)")
     parser.add_argument("--cfg_scale", type=float, default=7.5, help="guidance scale w (1 = conditional only)")
     parser.add_argument("--use_ema", action="store_true",
                         help="sample with the checkpoint's EMA weights (saved by train.py --ema_decay)")
     parser.add_argument("--gpu", type=int, default=0,
-                        help="CUDA device index for one process (the CPU is used without CUDA); under "
-                             "accelerate launch or torchrun each process takes its own GPU")
+                        help="CUDA device of a single process (several processes: each its own)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run(main, parse_args(), (UsageError, CheckpointError))
+    run(main, parse_args(), ERRORS)
     PartialState().destroy_process_group()  # here, not in main: a process may run main more than once

@@ -71,47 +71,36 @@ def make_betas(num_train_timesteps: int, beta_1: float, beta_T: float, mode: str
     raise ValueError(f"unknown beta schedule {mode!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def check_eta(eta: float) -> None:
+    """eta in [0, 1]: above 1, 1 - alpha_bar_prev - sigma_t^2 (eq. 12) can turn negative (NaN)."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1], got {eta}")
+
+
 def check_predictor(predictor: str) -> None:
     if predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
 
 
 def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, timestep_spacing: str = "leading"):
-    """The timesteps DDIM visits, and where the step from each one goes.
+    """DDIM's sub-sequence tau of S = num_inference_timesteps of the T training timesteps.
 
-    Returns (timesteps, prev_timesteps), two long tensors [S]:
-    timesteps = tau_S > ... > tau_1, a sub-sequence of 0..T-1 (DDIM section 4.2); the step from
-    timesteps[i] goes to prev_timesteps[i] = timesteps[i + 1], and from the last one to -1, where
-    alpha_bar is 1: every spacing's last step lands on a clean sample.
-
-      leading    tau_i = i (T // S), i = 0..S-1: the DDIM paper's "linear" sub-sequence
-                 (Appendix D.2), the course's, and diffusers' default. It ends at 0 but starts at
-                 (S - 1)(T // S), short of T - 1 when S does not divide T (S = 600, T = 1000: at 599).
-      linspace   tau_i = round(i (T - 1) / (S - 1)): from 0 to T - 1 (diffusers; Lin et al. 2023,
-                 "Common diffusion noise schedules and sample steps are flawed", Table 2).
-                 diffusers' DDIMScheduler.step goes from t to t - T // S whatever the spacing, which
-                 under linspace is not the next timestep (T = 1000, S = 10: 999 -> 899, while the
-                 sub-sequence goes on at 888; diffusers issue #12633). Here every step goes to the next.
-      trailing   tau_i = round(T - i T / S) - 1: counted back from T - 1, so the first step starts
-                 from (nearly) pure noise (Lin et al. 2023, section 3.3; diffusers). It ends at
-                 round(T / S) - 1, not 0. Computed with numpy's arange as diffusers does, so that
-                 ties at .5 round alike; that arange can return S + 1 points, the last one a hair
-                 above 0, i.e. a timestep -1 (diffusers keeps it: T = 1000, S = 61): the first S are kept.
-      quadratic  tau_i = int((i sqrt(0.8 T) / (S - 1))^2): dense near t = 0; the sub-sequence of the
-                 DDIM paper's CIFAR-10 results (Appendix D.2; the authors' code computes
-                 int(linspace(0, sqrt(0.8 T), S) ** 2)). Rounding down repeats the smallest
-                 timesteps once S > sqrt(0.8 T) + 1 (S >= 30 for T = 1000: 0, 0, 1, 2, 5, ...). A step
-                 from t to t changes nothing (alpha_bar_prev = alpha_bar_t) but the authors' code
-                 spends a network call on it; here a repeat moves to one above its predecessor,
-                 tau_i = max(tau_i, tau_{i-1} + 1), so that S steps are S network calls that all do
-                 work (the same rule as 2d_plot_diffusion_todo/ddpm.py's ddim_timesteps).
-
-    leading, linspace and trailing never repeat a timestep for S <= T: before rounding, neighbours
-    are at least 1 apart.
+    Returns (timesteps, prev_timesteps), both [S] int64 and descending: the step from timesteps[i]
+    goes to prev_timesteps[i] = timesteps[i + 1], the last one to -1, where alpha_bar = 1 (x_0).
+      leading    tau_i = i (T // S), from 0: the course's and diffusers' default (DDIM App. D.2).
+      linspace   tau_i = round(i (T - 1) / (S - 1)), from 0 to T - 1 (diffusers).
+      trailing   tau = round(arange(T, 0, -T / S)[:S]) - 1, from T - 1 down (Lin et al. 2023,
+                 Table 2); numpy's float arange as diffusers', which can give S + 1 points.
+      quadratic  tau_i = int((i sqrt(0.8 T) / (S - 1))^2), dense near 0 (DDIM App. D.2); a repeat
+                 moves to one above its predecessor, so S steps are S network calls that all work.
+    leading, linspace and trailing equal diffusers' DDIMScheduler.timesteps; every step goes to the
+    next timestep of tau (diffusers' goes to t - T // S, another point under linspace).
+    The same rule, written the same way, as 2d_plot_diffusion_todo/ddpm.py's ddim_timesteps
+    (each folder is run on its own, so each holds a copy; tests check both).
     """
     T, S = num_train_timesteps, num_inference_timesteps
     if not 1 <= S <= T:
-        raise ValueError(f"the number of DDIM steps must be between 1 and T={T}, got {S}")
+        raise ValueError(f"num_inference_timesteps (the number of DDIM steps) must be in [1, {T}], got {S}")
     if timestep_spacing == "leading":
         ascending = np.arange(S) * (T // S)
     elif timestep_spacing == "linspace":
@@ -119,14 +108,23 @@ def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, ti
     elif timestep_spacing == "trailing":
         ascending = (np.round(np.arange(T, 0, -T / S))[:S] - 1)[::-1]
     elif timestep_spacing == "quadratic":
-        ascending = (np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64)
+        ascending = (np.linspace(0, np.sqrt(0.8 * T), S) ** 2).astype(np.int64)
         for i in range(1, S):
             ascending[i] = max(ascending[i], ascending[i - 1] + 1)
     else:
-        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
-    timesteps = torch.from_numpy(ascending[::-1].astype(np.int64))
+        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}: "
+                         f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}")
+    timesteps = torch.from_numpy(ascending[::-1].astype(np.int64).copy())
     prev_timesteps = torch.cat([timesteps[1:], torch.tensor([-1])])
     return timesteps, prev_timesteps
+
+
+def check_denoises(timesteps: torch.Tensor, timestep_spacing: str) -> None:
+    """ValueError when a DDIM sub-sequence [S] is t = 0 alone (S = 1 under leading, linspace or
+    quadratic): its one step starts where alpha_bar_0 ~ 1 and returns the noise x_T as x_0."""
+    if int(timesteps[0]) == 0:
+        raise ValueError(f"DDIM with {len(timesteps)} step under {timestep_spacing} spacing visits only t = 0 and "
+                         f"returns the noise x_T unchanged: use trailing spacing or more steps")
 
 
 class BaseScheduler(nn.Module):
@@ -292,8 +290,7 @@ class DDIMScheduler(BaseScheduler):
     def __init__(self, num_train_timesteps: int, beta_1: float, beta_T: float, mode: str = "linear",
                  num_inference_timesteps: int = 50, eta: float = 0.0, *, timestep_spacing: str = "leading"):
         super().__init__(num_train_timesteps, beta_1, beta_T, mode)
-        if not 0 <= eta <= 1:
-            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        check_eta(eta)
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(TIMESTEP_SPACINGS)}")
         self.eta = float(eta)

@@ -23,10 +23,13 @@ the run's flags and every process's random generators).
 import copy
 import itertools
 import json
+import math
 import os
 import random
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -34,7 +37,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from cli import ArgumentParser, UsageError, atomic_write_text, pick_device, run
+from atomic_write import atomic_write_text
+from cli import ArgumentParser, UsageError, pick_device, run
 from dataset import DEFAULT_ROOT, AFHQDataModule, DatasetError, download_afhq
 from model import CheckpointError, DiffusionModule, load_checkpoint
 from network import UNet
@@ -49,6 +53,7 @@ GRID_DDIM_STEPS = 50
 TRAJECTORY_FRAMES = 10
 # Flags a --resume may change. Every other flag is the run's recipe (model, noise schedule, data,
 # optimisation, seed): on --resume the checkpoint's value wins, and a note names what differed.
+ERRORS = (UsageError, DatasetError, CheckpointError, OSError)  # what the script reports as one line (cli.run)
 RESUME_MAY_CHANGE = ("train_num_steps", "log_interval", "sample_method", "data_root", "save_dir", "resume", "gpu",
                      "num_workers", "mixed_precision", "gradient_accumulation_steps")
 
@@ -65,8 +70,14 @@ def check_args(args):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.train_num_steps < 0:
         raise UsageError(f"--train_num_steps must be >= 0, got {args.train_num_steps}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.num_workers < 0:
+        raise UsageError(f"--num_workers must be >= 0 (0: load data in the main process), got {args.num_workers}")
+    if min(args.ch_mult) < 1:
+        raise UsageError(f"--ch_mult values must be >= 1, got {args.ch_mult}")
+    if args.save_dir is not None and Path(args.save_dir).exists() and not Path(args.save_dir).is_dir():
+        raise UsageError(f"--save_dir {args.save_dir} is a file, not a folder: choose another --save_dir")
     if not 0 < args.beta_1 <= args.beta_T < 1:
         raise UsageError(f"need 0 < --beta_1 <= --beta_T < 1, got {args.beta_1}, {args.beta_T}")
     if not 0 <= args.cfg_dropout < 1 or not 0 <= args.dropout < 1:
@@ -209,20 +220,20 @@ def save_loss_plot(losses, path):
     plt.close()
 
 
-def save_samples(network, ddpm: DiffusionModule, args, num_classes, step, save_dir):
+def save_samples(network, diffusion: DiffusionModule, args, num_classes, step, save_dir):
     """Sample NUM_GRID_SAMPLES images with `network` (the same x_T every time, so the figures show
     progress): a grid of them, and a strip of TRAJECTORY_FRAMES moments x_T ... x_0 of the first."""
-    var_scheduler = ddpm.var_scheduler
+    var_scheduler = diffusion.var_scheduler
     if args.sample_method == "ddim":
         ddim_steps = min(GRID_DDIM_STEPS, var_scheduler.num_train_timesteps)
-        var_scheduler = build_scheduler(var_scheduler.config, "ddim", ddim_steps).to(ddpm.device)
-    sampler = DiffusionModule(network, var_scheduler, predictor=ddpm.predictor)
-    generator = torch.Generator(sampler.device).manual_seed(args.seed)
+        var_scheduler = build_scheduler(var_scheduler.config, "ddim", ddim_steps).to(diffusion.device)
+    grid_diffusion = DiffusionModule(network, var_scheduler, predictor=diffusion.predictor)
+    generator = torch.Generator(grid_diffusion.device).manual_seed(args.seed)
     class_label = None
     if network.use_cfg:
-        class_label = torch.arange(NUM_GRID_SAMPLES, device=sampler.device) % num_classes + 1
+        class_label = torch.arange(NUM_GRID_SAMPLES, device=grid_diffusion.device) % num_classes + 1
     network.eval()
-    trajectory = sampler.sample(NUM_GRID_SAMPLES, return_traj=True, class_label=class_label, generator=generator)
+    trajectory = grid_diffusion.sample(NUM_GRID_SAMPLES, return_traj=True, class_label=class_label, generator=generator)
     network.train()
 
     def to_unit(images):
@@ -234,151 +245,203 @@ def save_samples(network, ddpm: DiffusionModule, args, num_classes, step, save_d
     save_image(make_grid(strip, nrow=TRAJECTORY_FRAMES), save_dir / f"trajectory_step{step:07d}.png")
 
 
+def read_checkpoint_to_resume(args, ckpt_path: Path):
+    """(the checkpoint, notes on the recipe flags it overrides) for --resume; (None, []) for a new
+    run, which must not write over an earlier run's last.ckpt."""
+    if not args.resume:
+        if ckpt_path.exists():
+            raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --save_dir")
+        return None, []
+    if args.save_dir is None:
+        raise UsageError("--resume needs --save_dir (the folder holding last.ckpt)")
+    checkpoint = load_checkpoint(ckpt_path)
+    if "train_state" not in checkpoint:
+        raise CheckpointError(f"{ckpt_path} has no training state to resume from")
+    return checkpoint, take_recipe_from_checkpoint(args, checkpoint["train_state"].get("flags", {}))
+
+
+def load_data(args, accelerator) -> AFHQDataModule:
+    """The training data; the main process downloads AFHQ if needed, the others then read it."""
+    with accelerator.main_process_first():
+        if not Path(args.data_root).exists() and args.data_root == DEFAULT_ROOT:
+            print(f"{args.data_root} does not exist: downloading AFHQ")
+            download_afhq(args.data_root)
+        if not Path(args.data_root).is_dir():
+            raise DatasetError(f"data folder not found: {args.data_root}")
+        return AFHQDataModule(batch_size=args.batch_size, num_workers=args.num_workers,
+                              max_num_images_per_cat=args.max_num_images_per_cat,
+                              image_resolution=args.image_resolution, afhq_root=args.data_root)
+
+
+def resumed_or_new_model(args, checkpoint, ckpt_path, num_classes) -> DiffusionModule:
+    """The checkpoint's model for --resume (checked against the data and flags), else a new one."""
+    if checkpoint is None:
+        return build_model(args, num_classes)
+    diffusion = DiffusionModule(None, None)
+    diffusion.load(ckpt_path)
+    if diffusion.image_resolution != args.image_resolution:
+        raise UsageError(f"{ckpt_path} was trained at {diffusion.image_resolution}x{diffusion.image_resolution}, "
+                         f"not --image_resolution {args.image_resolution}")
+    if diffusion.network.use_cfg and diffusion.network.config["num_classes"] != num_classes:
+        raise UsageError(f"{ckpt_path} has {diffusion.network.config['num_classes']} classes, "
+                         f"{args.data_root} has {num_classes}")
+    return diffusion
+
+
+@dataclass
+class TrainState:
+    """What an optimizer step changes besides the weights, and what --resume restores."""
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema_network: Optional[torch.nn.Module]
+    step: int = 0
+    losses: list = field(default_factory=list)
+
+
+def make_train_state(args, network, checkpoint) -> TrainState:
+    """Adam with a linear warm-up over --warmup_steps, then constant; the EMA copy with
+    --ema_decay; all as the checkpoint left them on --resume."""
+    optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda t: min((t + 1) / args.warmup_steps, 1.0))
+    ema_network = copy.deepcopy(network).requires_grad_(False) if args.ema_decay else None
+    state = TrainState(optimizer, lr_scheduler, ema_network)
+    if checkpoint is not None:
+        saved = checkpoint["train_state"]
+        optimizer.load_state_dict(saved["optimizer"])
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        state.step, state.losses = saved["step"], saved["losses"].tolist()
+    return state
+
+
+def restore_rng_states(accelerator, checkpoint, args, step) -> None:
+    """This process's random generators as the checkpoint saved them (same number of processes),
+    else afresh from --seed + step."""
+    rng_states = checkpoint["train_state"].get("rng_states", [])
+    if len(rng_states) == accelerator.num_processes:
+        set_rng_state(rng_states[accelerator.process_index])
+        return
+    accelerator.print(f"note: the checkpoint holds the random generators of {len(rng_states)} process(es), "
+                      f"this run has {accelerator.num_processes}: they start afresh from --seed + step")
+    set_seed(args.seed + step, device_specific=True)
+
+
+def describe_run(args, num_processes, per_process_batch) -> str:
+    return (f"{num_processes} process{'es' if num_processes > 1 else ''}, global batch {args.batch_size} = "
+            f"{args.batch_size // num_processes} per process"
+            + (f" in {args.gradient_accumulation_steps} micro-batches of {per_process_batch}"
+               if args.gradient_accumulation_steps > 1 else "")
+            + (f", mixed precision {args.mixed_precision}" if args.mixed_precision != "no" else "")
+            + (f", EMA decay {args.ema_decay}" if args.ema_decay else ""))
+
+
+def save_checkpoint(diffusion, state: TrainState, rng_states, accelerator, args, ckpt_path) -> None:
+    """last.ckpt: the weights, the EMA weights, and everything --resume needs."""
+    train_state = {
+        "step": state.step,
+        "losses": torch.tensor(state.losses),
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.lr_scheduler.state_dict(),
+        "rng_states": rng_states,
+        "flags": {name: value for name, value in vars(args).items() if name not in RESUME_MAY_CHANGE},
+    }
+    if accelerator.scaler is not None:
+        train_state["grad_scaler"] = accelerator.scaler.state_dict()
+    extra = {"train_state": train_state}
+    if state.ema_network is not None:
+        extra["ema_state_dict"] = state.ema_network.state_dict()
+    diffusion.save(ckpt_path, extra=extra)
+
+
+def train_steps(diffusion, training_diffusion, state: TrainState, batches, accelerator, args, save_dir, num_classes):
+    """Optimizer steps up to --train_num_steps; every --log_interval steps (and at the last) the
+    loss plot, the sample figures and last.ckpt. training_diffusion wraps the same weights in
+    DDP and autocast; diffusion is what is saved and sampled."""
+    network, device = diffusion.network, accelerator.device
+    with tqdm(initial=state.step, total=args.train_num_steps, disable=not accelerator.is_main_process) as pbar:
+        while state.step < args.train_num_steps:
+            step_loss = 0.0
+            for _ in range(args.gradient_accumulation_steps):
+                img, label = next(batches)
+                img, label = img.to(device), label.to(device)
+                with accelerator.accumulate(training_diffusion.network):
+                    loss = training_diffusion.get_loss(img, class_label=label if network.use_cfg else None)
+                    accelerator.backward(loss)  # divides by the accumulation steps; all-reduces on the last one
+                    state.optimizer.step()  # acts on the last micro-batch only (accelerate skips the others)
+                    state.optimizer.zero_grad(set_to_none=True)
+                step_loss = step_loss + loss.detach() / args.gradient_accumulation_steps
+            state.lr_scheduler.step()
+            if state.ema_network is not None:
+                update_ema(state.ema_network, network, args.ema_decay)
+            state.losses.append(accelerator.reduce(step_loss, "mean").item())  # the mean over all processes
+            state.step += 1
+            pbar.set_description(f"loss {state.losses[-1]:.4f}")
+            pbar.update(1)
+
+            if state.step % args.log_interval == 0 or state.step == args.train_num_steps:
+                rng_states = gather_object([rng_state()])  # every process's, in process order
+                if accelerator.is_main_process:
+                    save_loss_plot(state.losses, save_dir / "loss.png")
+                    save_samples(state.ema_network or network, diffusion, args, num_classes, state.step, save_dir)
+                    save_checkpoint(diffusion, state, rng_states, accelerator, args, save_dir / "last.ckpt")
+                accelerator.wait_for_everyone()
+
+
 def main(args):
     check_args(args)
     save_dir = Path(args.save_dir or f"results/diffusion-{get_current_time()}")
     ckpt_path = save_dir / "last.ckpt"
-
-    # check everything that can fail before writing anything
-    checkpoint, notes = None, []
-    if args.resume:
-        if args.save_dir is None:
-            raise UsageError("--resume needs --save_dir (the folder holding last.ckpt)")
-        checkpoint = load_checkpoint(ckpt_path)
-        if "train_state" not in checkpoint:
-            raise CheckpointError(f"{ckpt_path} has no training state to resume from")
-        notes = take_recipe_from_checkpoint(args, checkpoint["train_state"].get("flags", {}))
-    elif ckpt_path.exists():
-        raise UsageError(f"{ckpt_path} already exists: pass --resume to continue it, or choose another --save_dir")
+    checkpoint, notes = read_checkpoint_to_resume(args, ckpt_path)  # everything that can fail, before writing
 
     accelerator = make_accelerator(args)
     num_processes, device = accelerator.num_processes, accelerator.device
     per_process_batch = micro_batch_size(args, num_processes)
     if notes:
         accelerator.print(f"note: --resume keeps the checkpoint's {', '.join(notes)}")
-
-    with accelerator.main_process_first():  # the main process downloads AFHQ if needed; the others then read it
-        if not Path(args.data_root).exists() and args.data_root == DEFAULT_ROOT:
-            print(f"{args.data_root} does not exist: downloading AFHQ")
-            download_afhq(args.data_root)
-        if not Path(args.data_root).is_dir():
-            raise DatasetError(f"data folder not found: {args.data_root}")
-        ds_module = AFHQDataModule(batch_size=args.batch_size, num_workers=args.num_workers,
-                                   max_num_images_per_cat=args.max_num_images_per_cat,
-                                   image_resolution=args.image_resolution, afhq_root=args.data_root)
-    num_classes = ds_module.num_classes
+    data = load_data(args, accelerator)
 
     # process p draws its timesteps, noise and dropout from seed + p (process 0: the seed itself)
     set_seed(args.seed, device_specific=True)
-
-    if checkpoint is not None:
-        ddpm = DiffusionModule(None, None)
-        ddpm.load(ckpt_path)
-        if ddpm.image_resolution != args.image_resolution:
-            raise UsageError(f"{ckpt_path} was trained at {ddpm.image_resolution}x{ddpm.image_resolution}, "
-                             f"not --image_resolution {args.image_resolution}")
-        if ddpm.network.use_cfg and ddpm.network.config["num_classes"] != num_classes:
-            raise UsageError(f"{ckpt_path} has {ddpm.network.config['num_classes']} classes, "
-                             f"{args.data_root} has {num_classes}")
-    else:
-        ddpm = build_model(args, num_classes)
-    ddpm = ddpm.to(device).train()
-    network = ddpm.network
-    ema_network = copy.deepcopy(network).requires_grad_(False) if args.ema_decay else None
-
-    optimizer = torch.optim.Adam(network.parameters(), lr=args.lr)
-    # linear warm-up of the learning rate over warmup_steps, then constant
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda t: min((t + 1) / args.warmup_steps, 1.0))
-    step, losses = 0, []
-    if checkpoint is not None:
-        state = checkpoint["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        step, losses = state["step"], state["losses"].tolist()
-
-    # DDP (several processes: gradients averaged over them at each step) and autocast (mixed
-    # precision). `network` stays the plain UNet: saved, sampled and averaged into the EMA.
-    model, optimizer = accelerator.prepare(network, optimizer)
-    ddpm_for_loss = DiffusionModule(model, ddpm.var_scheduler, predictor=ddpm.predictor)
+    diffusion = resumed_or_new_model(args, checkpoint, ckpt_path, data.num_classes).to(device).train()
+    state = make_train_state(args, diffusion.network, checkpoint)
+    # DDP (gradients averaged over the processes) and autocast around the same weights:
+    # diffusion.network stays the plain UNet, which is saved, sampled and averaged into the EMA.
+    ddp_network, state.optimizer = accelerator.prepare(diffusion.network, state.optimizer)
+    training_diffusion = DiffusionModule(ddp_network, diffusion.var_scheduler, predictor=diffusion.predictor)
     if accelerator.scaler is not None and checkpoint is not None and "grad_scaler" in checkpoint["train_state"]:
         accelerator.scaler.load_state_dict(checkpoint["train_state"]["grad_scaler"])
-    if ema_network is not None:
+    if state.ema_network is not None:
         # the checkpoint's average, or the weights DDP has just copied from process 0 to all
         saved_ema = checkpoint.get("ema_state_dict") if checkpoint is not None else None
-        ema_network.load_state_dict(saved_ema if saved_ema is not None else network.state_dict())
+        state.ema_network.load_state_dict(saved_ema if saved_ema is not None else diffusion.network.state_dict())
 
-    sampler = GlobalBatchSampler(len(ds_module.train_ds), args.batch_size, num_processes, accelerator.process_index,
-                                 args.gradient_accumulation_steps, args.seed, start_step=step)
+    batch_sampler = GlobalBatchSampler(len(data.train_ds), args.batch_size, num_processes, accelerator.process_index,
+                                       args.gradient_accumulation_steps, args.seed, start_step=state.step)
     # the loader's own generator seeds its workers, so data loading leaves the global generators alone
-    loader = torch.utils.data.DataLoader(ds_module.train_ds, batch_sampler=sampler, num_workers=args.num_workers,
+    loader = torch.utils.data.DataLoader(data.train_ds, batch_sampler=batch_sampler, num_workers=args.num_workers,
                                          generator=torch.Generator().manual_seed(args.seed))
     batches = iter(loader)
-
     if checkpoint is not None:
-        rng_states = checkpoint["train_state"].get("rng_states", [])
-        if len(rng_states) == num_processes:
-            set_rng_state(rng_states[accelerator.process_index])
-        else:
-            accelerator.print(f"note: the checkpoint holds the random generators of {len(rng_states)} process(es), "
-                              f"this run has {num_processes}: they start afresh from --seed + step")
-            set_seed(args.seed + step, device_specific=True)
+        restore_rng_states(accelerator, checkpoint, args, state.step)
 
-    accelerator.print(f"{num_processes} process{'es' if num_processes > 1 else ''}, global batch {args.batch_size} = "
-                      f"{args.batch_size // num_processes} per process"
-                      + (f" in {args.gradient_accumulation_steps} micro-batches of {per_process_batch}"
-                         if args.gradient_accumulation_steps > 1 else "")
-                      + (f", mixed precision {args.mixed_precision}" if args.mixed_precision != "no" else "")
-                      + (f", EMA decay {args.ema_decay}" if args.ema_decay else ""))
+    accelerator.print(describe_run(args, num_processes, per_process_batch))
     if accelerator.is_main_process:
         save_dir.mkdir(parents=True, exist_ok=True)
-        print(f"save_dir: {save_dir}" + (f" (resuming at step {step})" if checkpoint is not None else ""))
+        remove_stale_temporary_checkpoints(save_dir)
+        print(f"save_dir: {save_dir}" + (f" (resuming at step {state.step})" if checkpoint is not None else ""))
         if checkpoint is None:
-            config = {**vars(args), "save_dir": str(save_dir), "num_processes": num_processes, "model": ddpm.config}
+            config = {**vars(args), "save_dir": str(save_dir), "num_processes": num_processes, "model": diffusion.config}
             atomic_write_text(save_dir / "config.json", json.dumps(config, indent=2))
-            save_samples(ema_network or network, ddpm, args, num_classes, 0, save_dir)
+            save_samples(state.ema_network or diffusion.network, diffusion, args, data.num_classes, 0, save_dir)
     accelerator.wait_for_everyone()
-
-    with tqdm(initial=step, total=args.train_num_steps, disable=not accelerator.is_main_process) as pbar:
-        while step < args.train_num_steps:
-            step_loss = 0.0
-            for _ in range(args.gradient_accumulation_steps):
-                img, label = next(batches)
-                img, label = img.to(device), label.to(device)
-                with accelerator.accumulate(model):
-                    loss = ddpm_for_loss.get_loss(img, class_label=label if network.use_cfg else None)
-                    accelerator.backward(loss)  # divides by the accumulation steps; all-reduces on the last one
-                    optimizer.step()  # acts on the last micro-batch only (accelerate skips the others)
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss = step_loss + loss.detach() / args.gradient_accumulation_steps
-            lr_scheduler.step()
-            if ema_network is not None:
-                update_ema(ema_network, network, args.ema_decay)
-            losses.append(accelerator.reduce(step_loss, "mean").item())  # the mean over all processes
-            step += 1
-            pbar.set_description(f"loss {losses[-1]:.4f}")
-            pbar.update(1)
-
-            if step % args.log_interval == 0 or step == args.train_num_steps:
-                rng_states = gather_object([rng_state()])  # every process's, in process order
-                if accelerator.is_main_process:
-                    save_loss_plot(losses, save_dir / "loss.png")
-                    save_samples(ema_network or network, ddpm, args, num_classes, step, save_dir)
-                    train_state = {
-                        "step": step,
-                        "losses": torch.tensor(losses),
-                        "optimizer": optimizer.state_dict(),
-                        "lr_scheduler": lr_scheduler.state_dict(),
-                        "rng_states": rng_states,
-                        "flags": {name: value for name, value in vars(args).items() if name not in RESUME_MAY_CHANGE},
-                    }
-                    if accelerator.scaler is not None:
-                        train_state["grad_scaler"] = accelerator.scaler.state_dict()
-                    extra = {"train_state": train_state}
-                    if ema_network is not None:
-                        extra["ema_state_dict"] = ema_network.state_dict()
-                    ddpm.save(ckpt_path, extra=extra)
-                accelerator.wait_for_everyone()
+    train_steps(diffusion, training_diffusion, state, batches, accelerator, args, save_dir, data.num_classes)
     accelerator.end_training()
+
+
+def remove_stale_temporary_checkpoints(save_dir: Path) -> None:
+    """atomic_write removes its temporary file on an error or Ctrl-C; a killed run (SIGKILL, power
+    loss) leaves it: a full-size .last.ckpt.*.tmp, removed here (one run writes to a save_dir at a time)."""
+    for stale in save_dir.glob(".last.ckpt.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def parse_args(argv=None):
@@ -386,17 +449,13 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Train a DDPM on AFHQ (or any folder in AFHQ's layout), on one device or, "
                                         "under `accelerate launch` / `torchrun`, data-parallel on several.")
     parser.add_argument("--gpu", type=int, default=0,
-                        help="CUDA device index of a single-process run (the CPU is used without CUDA); under "
-                             "accelerate launch / torchrun each process uses its own GPU")
+                        help="CUDA device of a single process (several processes: each its own)")
     parser.add_argument("--batch_size", type=int, default=16,
-                        help="images per optimizer step, over all processes (the global batch, as in the course): "
-                             "each process takes batch_size / (processes x gradient_accumulation_steps) per "
-                             "micro-batch, which must divide evenly")
+                        help="images per optimizer step over all processes (the course's global batch)")
     parser.add_argument("--train_num_steps", type=int, default=100000, help="total number of optimizer steps")
     parser.add_argument("--warmup_steps", type=int, default=200, help="steps of linear learning-rate warm-up")
     parser.add_argument("--log_interval", type=int, default=200,
-                        help="at step 0 and every this many steps: sample grid and trajectory strip; "
-                             "from step 1 on also the loss plot and last.ckpt")
+                        help="steps between sample figures, loss plot and last.ckpt")
     parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     parser.add_argument("--max_num_images_per_cat", type=int, default=3000,
                         help="max number of training images per class (-1 = all)")
@@ -420,10 +479,8 @@ def parse_args(argv=None):
                              f"(AFHQ is downloaded when the default {DEFAULT_ROOT} is missing)")
     parser.add_argument("--save_dir", default=None, help="output folder (default: results/diffusion-<timestamp>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue training from SAVE_DIR/last.ckpt exactly where it stopped (weights, "
-                             "optimizer, data order, random generators). The run keeps the checkpoint's recipe: a "
-                             "flag whose value differs from the checkpoint's is replaced by it, with a printed note "
-                             f"naming both; only {may_change} may change")
+                        help="continue exactly from SAVE_DIR/last.ckpt with its recipe; only "
+                             f"{may_change} may change")
     parser.add_argument("--ch", type=int, default=128, help="UNet base channels")
     parser.add_argument("--ch_mult", type=int, nargs="+", default=[1, 2, 2, 2],
                         help="UNet channel multiplier per resolution level")
@@ -434,18 +491,13 @@ def parse_args(argv=None):
 
     extra = parser.add_argument_group("beyond the course (GPU speed, several GPUs)")
     extra.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-                       help="autocast the UNet's forward pass (fp16 needs CUDA and scales the loss); weights and "
-                            "optimizer stay float32. Default: what `accelerate launch --mixed_precision` says, else "
-                            "no (the course's)")
+                       help="autocast the UNet (fp16 needs CUDA); default: accelerate's setting, else no")
     extra.add_argument("--ema_decay", type=float, default=None,
-                       help="also keep an exponential moving average of the weights with this decay (e.g. 0.9999), "
-                            "saved in last.ckpt as \"ema_state_dict\" and used for the sample figures; "
-                            "off by default (the course has none)")
+                       help="keep an EMA of the weights with this decay (e.g. 0.9999), saved and sampled; off by default")
     extra.add_argument("--gradient_accumulation_steps", type=int, default=1,
-                       help="split each process's share of the global batch into this many micro-batches whose "
-                            "gradients are summed before the optimizer step (less memory, same recipe)")
+                       help="micro-batches per optimizer step (less memory, same recipe)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    run(main, parse_args(), (UsageError, DatasetError, CheckpointError))
+    run(main, parse_args(), ERRORS)

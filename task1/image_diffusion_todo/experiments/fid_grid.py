@@ -43,11 +43,13 @@ from typing import NamedTuple, Optional
 
 import matplotlib
 import numpy as np
-from cli import ArgumentParser, UsageError, atomic_write_text, run
+from atomic_write import atomic_write_text
+from cli import ArgumentParser, UsageError, run
 from fid import measure_fid
 from model import CheckpointError, DiffusionModule
+import sampling
 from PIL import Image
-from scheduler import TIMESTEP_SPACINGS
+from scheduler import TIMESTEP_SPACINGS, check_eta
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
@@ -128,24 +130,20 @@ def sample(args, setting, save_dir, checkpoint):
            "sample_method": setting.method, "ddim_steps": setting.steps, "eta": setting.eta,
            "timestep_spacing": setting.spacing, "use_ema": args.use_ema,
            "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed}
-    expected = {f"{i}.png" for i in range(args.num_samples)} | {"sampling.json", SETTING_FILE}
+    expected = {sampling.image_path(save_dir, i).name for i in range(args.num_samples)}
+    expected |= {sampling.SUMMARY_FILE, SETTING_FILE}
     if save_dir.exists():
         if read_json(save_dir / SETTING_FILE) == key and {p.name for p in save_dir.iterdir()} == expected:
-            return read_json(save_dir / "sampling.json")
+            return read_json(save_dir / sampling.SUMMARY_FILE)
         shutil.rmtree(save_dir)
     # N > 1: torchrun shares the images out (image i depends on (seed, i) only, so the PNGs are
     # the ones 1 process writes); --standalone lets parallel --jobs each pick a free port.
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc_per_node", str(args.num_processes)] if args.num_processes > 1 else [sys.executable])
-    command = [*launcher, "sampling.py", "--ckpt_path", str(args.ckpt_path),
-               "--save_dir", str(save_dir), "--sample_method", setting.method,
-               "--ddim_steps", str(setting.steps), "--eta", str(setting.eta),
-               "--num_samples", str(args.num_samples), "--batch_size", str(args.batch_size),
-               "--seed", str(args.seed), "--gpu", str(args.gpu)]
-    if setting.spacing is not None:
-        command += ["--timestep_spacing", setting.spacing]
-    if args.use_ema:
-        command.append("--use_ema")
+    command = launcher + sampling.command(
+        args.ckpt_path, save_dir, sample_method=setting.method, ddim_steps=setting.steps, eta=setting.eta,
+        timestep_spacing=setting.spacing, use_ema=args.use_ema, num_samples=args.num_samples,
+        batch_size=args.batch_size, seed=args.seed, gpu=args.gpu)
     print(f"[{setting.name}] sampling {args.num_samples} images", flush=True)
     result = subprocess.run(command, cwd=COURSE_DIR, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -153,7 +151,7 @@ def sample(args, setting, save_dir, checkpoint):
         lines = result.stderr.strip().splitlines() or ["(no message)"]
         raise GridError(f"sampling.py failed for {setting.name}: {lines[-1]}")
     atomic_write_text(save_dir / SETTING_FILE, json.dumps(key, indent=2) + "\n")
-    return read_json(save_dir / "sampling.json")
+    return read_json(save_dir / sampling.SUMMARY_FILE)
 
 
 def save_grid(files, path, columns=8):
@@ -167,31 +165,9 @@ def save_grid(files, path, columns=8):
     grid.save(path)
 
 
-class Scorer:
-    """FID and KID of image files against the real images' features (computed once)."""
-
-    def __init__(self, args, gt_files):
-        self.args = args
-        self.device = measure_fid.parse_device(args.fid_device)
-        self.model = measure_fid.load_inception(args.fid_ckpt, self.device)
-        self.gt_features = self.features(gt_files, "real images")
-        self.gt_statistics = measure_fid.feature_statistics(self.gt_features)
-
-    def features(self, files, desc):
-        return measure_fid.extract_features(files, self.model, self.args.fid_img_size,
-                                            self.args.fid_batch_size, self.device, desc)
-
-    def score(self, files, desc):
-        """-> {"fid", "kid", "kid_se"} of ``files`` against the real images."""
-        features = self.features(files, desc)
-        fid = measure_fid.frechet_distance(*measure_fid.feature_statistics(features),
-                                           *self.gt_statistics)
-        kid, kid_se = measure_fid.kernel_inception_distance(features, self.gt_features)
-        return {"fid": fid, "kid": kid, "kid_se": kid_se}
-
-
-def measure_all(args, settings, out, checkpoint, scorer):
-    """Sample (sample()) and score every setting, --jobs at a time -> {name: row}.
+def measure_all(args, settings, out, checkpoint, scorer, reference):
+    """Sample (sample()) and score every setting against reference features, --jobs at a time
+    -> {name: row}.
 
     A job samples its setting in a sampling.py process, then scores it here while the other
     jobs sample, so scoring overlaps sampling. The longest runs start first so that parallel
@@ -200,9 +176,9 @@ def measure_all(args, settings, out, checkpoint, scorer):
     def job(setting):
         save_dir = out / "samples" / setting.name
         summary = sample(args, setting, save_dir, checkpoint)
-        files = sorted(save_dir.glob("*.png"), key=lambda p: int(p.stem))
+        files = [sampling.image_path(save_dir, i) for i in range(args.num_samples)]
         save_grid(files, out / "grids" / f"{setting.name}.png")
-        row = {"steps": setting.steps, **scorer.score(files, setting.name),
+        row = {"steps": setting.steps, **scorer.score(files, reference, setting.name),
                "seconds": summary["seconds"]}
         if setting.method == "ddim":
             row.update(eta=setting.eta, spacing=setting.spacing)
@@ -409,8 +385,9 @@ def run_grid(args):
     save_grid(gt_files, out / "grids" / "real.png")  # what the samples are compared with
 
     start = time.time()
-    scorer = Scorer(args, gt_files)
-    floor = scorer.score(floor_files, "floor images") if floor_files is not None else None
+    scorer = measure_fid.Scorer(args.fid_ckpt, args.fid_img_size, args.fid_batch_size, args.fid_device)
+    reference = scorer.features(gt_files, "real images")
+    floor = scorer.score(floor_files, reference, "floor images") if floor_files is not None else None
     if floor is not None:
         print(f"[floor] FID {floor['fid']:.3f}, KID {format_kid(floor)} "
               f"({len(floor_files)} images of {args.floor_dir})", flush=True)
@@ -418,7 +395,7 @@ def run_grid(args):
 
     start = time.time()
     settings = grid_settings(T, args)
-    rows = measure_all(args, settings, out, checkpoint, scorer)
+    rows = measure_all(args, settings, out, checkpoint, scorer, reference)
 
     def relative(path):
         return os.path.relpath(Path(path).resolve(), out) if path is not None else None
@@ -464,9 +441,7 @@ def build_parser():
                         help="settings sampled and scored at once (1 on a GPU; on a CPU, one per "
                              "core with OMP_NUM_THREADS=1)")
     parser.add_argument("--num_processes", type=int, default=1,
-                        help="processes sampling.py runs in for each setting (torchrun; one per GPU, "
-                             "each on its LOCAL_RANK's GPU, --gpu then unused; the time tables then "
-                             "sum the processes' times, as sampling.json's 'seconds' does)")
+                        help="sampling.py processes per setting (torchrun, one per GPU; times are summed)")
     parser.add_argument("--use_ema", action="store_true",
                         help="sample with the checkpoint's EMA weights (train.py --ema_decay)")
     parser.add_argument("--seed", type=int, default=63, help="sampling seed (sampling.py's default)")
@@ -484,6 +459,18 @@ def build_parser():
     return parser
 
 
+def make_args(**settings):
+    """This script's arguments from keyword settings named as its flags (defaults for the rest),
+    checked: how another program runs the grid in its own process, without a command line."""
+    args = build_parser().parse_args(["--ckpt_path", "", "--gt_dir", "", "--out", ""])
+    unknown = set(settings) - set(vars(args))
+    if unknown:
+        raise ValueError(f"fid_grid has no flag --{sorted(unknown)[0]}")
+    vars(args).update(settings)
+    check_args(args)
+    return args
+
+
 def check_args(args):
     for name in ("batch_size", "fid_batch_size", "jobs", "num_processes"):
         if getattr(args, name) < 1:
@@ -495,8 +482,11 @@ def check_args(args):
         raise UsageError("--ddim_steps and --extra_steps must be at least 1")
     if args.timestep_spacing in args.extra_spacings:
         raise UsageError(f"--extra_spacings repeats the main --timestep_spacing {args.timestep_spacing}")
-    if not all(0 <= eta <= 1 for eta in args.etas):
-        raise UsageError(f"--etas must lie in [0, 1], got {args.etas}")
+    try:
+        for eta in args.etas:
+            check_eta(eta)
+    except ValueError:
+        raise UsageError(f"--etas must lie in [0, 1], got {args.etas}") from None
     if args.fid_img_size < measure_fid.MIN_INPUT_SIZE:
         raise UsageError(f"--fid_img_size must be at least {measure_fid.MIN_INPUT_SIZE}")
 

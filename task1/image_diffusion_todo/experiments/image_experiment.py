@@ -29,10 +29,9 @@ was interrupted continues; delete OUT to start afresh.
 import os
 
 if __name__ == "__main__":
-    # One thread per process, set before numpy and torch start their thread pools. On a CPU
-    # shared with other work, 2 threads per process ran PyTorch 10x and scipy's sqrtm 5x
-    # slower than 1 thread in our measurements (the threads wait for each other whenever one
-    # is descheduled); parallelism comes from --jobs processes instead.
+    # One thread per process, set before numpy and torch start their thread pools: on a shared
+    # CPU, threads wait for each other whenever one is descheduled; parallelism comes from
+    # --jobs processes instead.
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(variable, "1")
 
@@ -45,7 +44,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cli import ArgumentParser, UsageError, atomic_write_text, run
+from atomic_write import atomic_write_text
+from cli import ArgumentParser, UsageError, flags, run
 from experiments import fid_grid, standin_dataset
 from scheduler import PREDICTORS
 
@@ -87,18 +87,6 @@ def run_script(command, log_path):
     if result.returncode != 0:
         lines = Path(log_path).read_text().strip().splitlines() or ["(no output)"]
         raise StageError(f"{' '.join(command[:2])} failed (log: {log_path}): {lines[-1]}")
-
-
-def flags(options):
-    """{"ch_mult": [1, 2], "use_ema": True} -> ["--ch_mult", "1", "2", "--use_ema"]: a script's
-    flags from a dict (True: a switch; False: left out)."""
-    command = []
-    for name, value in options.items():
-        if isinstance(value, bool):
-            command += [f"--{name}"] if value else []
-        else:
-            command += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
-    return command
 
 
 class Stages:
@@ -172,14 +160,10 @@ def run_experiment(out, config, seed, jobs=2):
         unet = pool.submit(stages.run, "unet", unet_settings, train_unet)
         classifier, _ = classifier.result(), unet.result()
 
-    grid_args = fid_grid.build_parser().parse_args([
-        "--ckpt_path", str(unet_dir / "last.ckpt"), "--gt_dir", str(data_root / "val"),
-        "--out", str(out), "--floor_dir", str(data_root / "train"),
-        "--num_gt", str(config["grid"]["num_samples"]), "--fid_ckpt", str(fid_ckpt),
-        "--fid_device", "cpu", "--gpu", "0", "--jobs", str(jobs), "--seed", str(seed),
-        *flags(config["grid"]),
-    ])
-    fid_grid.check_args(grid_args)
+    grid_args = fid_grid.make_args(
+        ckpt_path=str(unet_dir / "last.ckpt"), gt_dir=str(data_root / "val"), out=str(out),
+        floor_dir=str(data_root / "train"), num_gt=config["grid"]["num_samples"], fid_ckpt=str(fid_ckpt),
+        fid_device="cpu", gpu=0, jobs=jobs, seed=seed, **config["grid"])
     # The grid's own cache (keyed on the checkpoint's content) decides which samples are reused.
     grid = stages.run("grid", grid_settings, lambda: {"results": fid_grid.run_grid(grid_args)})
 

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cli import ArgumentParser, UsageError, atomic_write, atomic_write_text, run
+from atomic_write import atomic_write, atomic_write_text
+from cli import ArgumentParser, UsageError, run
 from fid.inception import MIN_INPUT_SIZE, InceptionV3
+from fid.image_files import list_images
 from fid.measure_fid import (
-    DEFAULT_CKPT, IMAGE_EXTENSIONS, FIDInputError, image_transform, load_image, parse_device,
-    verify_images,
+    DEFAULT_CKPT, FIDInputError, image_transform, load_image, parse_device, verify_images,
 )
 
 
@@ -43,8 +44,7 @@ class LabelledImageFolder(Dataset):
     def __init__(self, split_dir, classes, img_size, max_num_images_per_cat=-1):
         self.samples = []
         for label, class_name in enumerate(classes):
-            files = sorted(p for p in (split_dir / class_name).iterdir()
-                           if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = list_images(split_dir / class_name)
             if not files:
                 raise FIDInputError(f"no .png/.jpg/.jpeg images in {split_dir / class_name}")
             if max_num_images_per_cat > 0:

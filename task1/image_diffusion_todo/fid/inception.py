@@ -13,7 +13,7 @@ Architecture for Computer Vision", 2016) without the auxiliary head, grouped as
     final_fc  2048 -> num_classes (3 for AFHQ)
 
 FID uses the 2048-d pooled output of block4 (``features``); ``final_fc`` is only used to
-train the network as a classifier (``fid/train_classifier.py``).
+train the network as a classifier (``experiments/train_classifier.py``).
 
 Inputs are RGB in [-1, 1] (``measure_fid.image_transform``). The strided convolutions and
 poolings need at least ``MIN_INPUT_SIZE`` = 75 pixels a side: at 64x64 Mixed_7a's 3x3 stride-2

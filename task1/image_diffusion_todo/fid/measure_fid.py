@@ -1,31 +1,15 @@
-"""Frechet Inception Distance (FID), and optionally KID, between two folders of images.
+"""Frechet Inception Distance (FID) and KID between two folders of images, the course's protocol.
 
     python measure_fid.py GT_DIR GEN_DIR [--ckpt afhq_inception_v3.ckpt] [--img_size 256] [--kid]
 
-prints ``FID: <value>`` (and ``KID: <mean> +- <standard error>``). As in the course, the features are the 2048-d pooled output of
-``inception.InceptionV3`` with the weights of the course's AFHQ classifier
-(``afhq_inception_v3.ckpt``, next to this file by default), and every image is
+prints ``FID: <value>`` (and ``KID: <mean> +- <standard error>``). Features are the 2048-d pooled
+output of ``inception.InceptionV3`` with the course's AFHQ classifier weights; every image is
+RGB -> img_size x img_size (bilinear, antialiased) -> [-1, 1], the classifier's own
+preprocessing. ``Scorer`` is the one API every caller uses (experiments/fid_grid.py too): a
+different feature network changes ``Scorer`` and inception.py only.
 
-    RGB -> resized to img_size x img_size (bilinear, antialiased: torchvision's Resize on PIL
-    images) -> [0, 1] (ToTensor) -> [-1, 1] (Normalize(0.5, 0.5))
-
-which is also the preprocessing the classifier was trained with
-(``experiments/train_classifier.py`` imports ``image_transform`` from here). The default size is the course's 256; Inception-v3
-needs at least 75 pixels, so 64x64 samples are upsampled. Folders are searched recursively
-for .png/.jpg/.jpeg files.
-
-FID (Heusel et al., 2017) is the Frechet distance between Gaussians fitted to the two sets of
-features,
-
-    d^2 = ||mu_1 - mu_2||^2 + Tr(Sigma_1 + Sigma_2 - 2 (Sigma_1 Sigma_2)^{1/2}),
-
-computed in float64 with scipy's sqrtm the way the reference implementations (TTUR's
-fid.py, pytorch-fid) do. FID is biased upwards at small sample sizes: compare numbers only
-at the same number of images. KID (``kernel_inception_distance``) is unbiased at any size
-and comes with a standard error.
-
-Run it as the course does (``python fid/measure_fid.py``, or from inside fid/), or import it
-as ``fid.measure_fid`` from the folder above (as experiments/fid_grid.py does).
+Run it as the course does (``python fid/measure_fid.py``, or from inside fid/), or import it as
+``fid.measure_fid`` from the folder above.
 """
 import argparse
 import sys
@@ -40,12 +24,13 @@ from torchvision import transforms
 from tqdm import tqdm
 
 if __package__:  # imported as fid.measure_fid
+    from .image_files import list_images as find_images, to_rgb
     from .inception import MIN_INPUT_SIZE, InceptionV3
 else:  # run as a script, or imported from inside fid/ (the course's way)
+    from image_files import list_images as find_images, to_rgb
     from inception import MIN_INPUT_SIZE, InceptionV3
 
 DEFAULT_CKPT = Path(__file__).resolve().parent / "afhq_inception_v3.ckpt"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 class FIDInputError(Exception):
@@ -59,11 +44,11 @@ def one_line(error):
 
 
 def list_images(folder):
-    """All images under ``folder`` (recursively), sorted -> list[Path]."""
+    """All images under ``folder`` (recursively), sorted -> list[Path]; FIDInputError when none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FIDInputError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = find_images(folder)
     if not files:
         raise FIDInputError(f"no .png/.jpg/.jpeg images in {folder}")
     return files
@@ -90,10 +75,10 @@ def verify_images(files):
 
 
 def load_image(path, transform):
-    """Read one image file as RGB and apply ``transform``; names the file when it fails."""
+    """Read one image file as 8-bit RGB and apply ``transform``; names the file when it fails."""
     try:
         with Image.open(path) as image:
-            return transform(image.convert("RGB"))
+            return transform(to_rgb(image))
     except (OSError, ValueError, SyntaxError) as error:
         raise FIDInputError(f"cannot read image {path}: {one_line(error)}") from None
 
@@ -153,18 +138,13 @@ def feature_statistics(features):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau, 1982):
+    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982):
 
         ||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^{1/2}).
 
-    sigma1 sigma2 is not symmetric, and with fewer images than feature dimensions both
-    covariances are singular, so scipy's sqrtm may return a complex matrix whose imaginary
-    part is rounding noise, or non-finite values. As in the reference implementations: retry
-    with eps added to both diagonals if non-finite, and drop an imaginary part that is small
-    on the diagonal; a larger one means the result cannot be trusted. "Small" is the
-    references' 1e-3, relative to the largest diagonal entry when that exceeds 1 (features of
-    a network trained elsewhere can be much larger than ImageNet Inception's, and the rounding
-    noise grows with them).
+    mu: [D], sigma: [D, D]. With fewer images than dimensions sqrtm can return non-finite values
+    (retried with eps on the diagonals) or rounding-noise imaginary parts (dropped when below
+    1e-3 of the largest diagonal entry), as TTUR's fid.py and pytorch-fid do.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
@@ -194,28 +174,11 @@ def polynomial_kernel(x, y):
 
 
 def kernel_inception_distance(features_1, features_2):
-    """KID (Binkowski et al. 2018) and its standard error: features [M, D], [N, D] -> (kid, se).
+    """KID (Binkowski et al. 2018) and its jackknife standard error: [M, D], [N, D] -> (kid, se).
 
-    KID is the unbiased estimate of the squared maximum mean discrepancy with polynomial_kernel
-    (the U-statistic of Gretton et al. 2012, eq. 3):
-
-        kid = sum_{i != i'} k(x_i, x_i') / (M (M-1)) + sum_{j != j'} k(y_j, y_j') / (N (N-1))
-              - 2 sum_{i, j} k(x_i, y_j) / (M N).
-
-    Unbiased at any N, unlike FID: numbers measured at different N can be compared, and two
-    samples of one distribution give 0 on average (a single estimate can be negative).
-
-    se is the jackknife's (Arvesen 1969, two-sample U-statistics): with kid_(i) the estimate
-    without x_i and kid_[j] without y_j,
-
-        se^2 = (M-1)/M sum_i (kid_(i) - mean_i kid_(i))^2 + (N-1)/N sum_j (kid_[j] - mean_j kid_[j])^2.
-
-    It is computed from the kernel matrices' row sums, with no refitting. Measured on the CPU
-    stand-in's features (150 vs. 150 images, 100 random draws), it matched the spread of KID
-    between different distributions and overstated it by ~1.7x between two samples of one: a
-    cautious error bar. (torch-fidelity's and clean-fid's spread over random subsets of 1000 is
-    no standard error: below 1000 images every subset is the whole set. Disjoint subsets give
-    one, but a KID up to 4x less precise than the whole sets'.)
+    kid is the unbiased MMD^2 U-statistic with polynomial_kernel (Gretton et al. 2012, eq. 3), so
+    it is comparable across N; se^2 = (M-1)/M sum_i (kid_(i) - mean)^2 + (N-1)/N sum_j (kid_[j] -
+    mean)^2 over the estimates leaving out x_i or y_j (Arvesen 1969), from the kernels' row sums.
     """
     x, y = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
     m, n = len(x), len(y)
@@ -237,27 +200,47 @@ def kernel_inception_distance(features_1, features_2):
     return float(kid), float(np.sqrt(variance))
 
 
-def features_given_paths(paths, img_size=256, batch_size=50, ckpt=DEFAULT_CKPT, device=None):
-    """Inception features [N_i, 2048] of the images of each folder in ``paths``."""
-    device = default_device() if device is None else torch.device(device)
-    if img_size < MIN_INPUT_SIZE:
-        raise FIDInputError(f"--img_size must be at least {MIN_INPUT_SIZE} for Inception-v3")
-    files = [list_images(path) for path in paths]
-    for folder_files in files:  # report a bad image before the slow work starts
-        verify_images(folder_files)
-    model = load_inception(ckpt, device)
-    return [extract_features(folder_files, model, img_size, batch_size, device, str(path))
-            for path, folder_files in zip(paths, files)]
+class Scorer:
+    """FID and KID of image files, with one feature network.
+
+        scorer = Scorer(ckpt, img_size, batch_size, device)
+        reference = scorer.features(real_files)            # [N, 2048], computed once
+        scorer.score(generated_files, reference)           # {"fid", "kid", "kid_se"}
+    """
+
+    def __init__(self, ckpt=DEFAULT_CKPT, img_size=256, batch_size=50, device=None):
+        if img_size < MIN_INPUT_SIZE:
+            raise FIDInputError(f"--img_size must be at least {MIN_INPUT_SIZE} for Inception-v3")
+        if batch_size < 1:
+            raise FIDInputError("--batch_size must be at least 1")
+        self.img_size, self.batch_size = img_size, batch_size
+        self.device = parse_device(device)
+        self.model = load_inception(ckpt, self.device)
+
+    def features(self, files, desc="features") -> np.ndarray:
+        """Inception features of image files: [N, 2048] float64."""
+        return extract_features(files, self.model, self.img_size, self.batch_size, self.device, desc)
+
+    def score(self, files, reference: np.ndarray, desc="features", kid=True) -> dict:
+        """{"fid", "kid", "kid_se"} of files against reference features [N, 2048] (KID when kid)."""
+        features = self.features(files, desc)
+        scores = {"fid": frechet_distance(*feature_statistics(features), *feature_statistics(reference))}
+        if kid:
+            scores["kid"], scores["kid_se"] = kernel_inception_distance(features, reference)
+        return scores
 
 
 def calculate_fid_given_paths(paths, img_size=256, batch_size=50, ckpt=DEFAULT_CKPT, device=None):
-    """FID between the images of the folders ``paths[0]`` and ``paths[1]``."""
-    features = features_given_paths(paths, img_size, batch_size, ckpt, device)
-    return frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))
+    """FID between the images of the folders paths[0] and paths[1] (the course's function)."""
+    files = [list_images(path) for path in paths]
+    verify_images(files[0] + files[1])  # a bad image is reported before the slow work starts
+    scorer = Scorer(ckpt, img_size, batch_size, device)
+    return scorer.score(files[1], scorer.features(files[0], str(paths[0])), str(paths[1]), kid=False)["fid"]
 
 
 def parse_device(name):
-    """--device value -> torch.device, refusing CUDA devices this machine does not have."""
+    """A device name (or None: cuda if available, or a torch.device) -> torch.device, refusing
+    CUDA devices this machine does not have."""
     if name is None:
         return default_device()
     try:
@@ -271,40 +254,37 @@ def parse_device(name):
     return device
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Print the FID (and with --kid the KID) between the images of two folders "
-                    "(the course's protocol)."
-    )
-    parser.add_argument("gt_dir", help="folder of real images (searched recursively)")
-    parser.add_argument("gen_dir", help="folder of generated images (searched recursively)")
-    parser.add_argument("--ckpt", type=str, default=str(DEFAULT_CKPT),
-                        help="Inception-v3 classifier weights (default: the course's "
-                             "afhq_inception_v3.ckpt next to this file)")
+def build_parser():
+    parser = argparse.ArgumentParser(description="Print the FID (with --kid also the KID) between the images "
+                                                 "of two folders, searched recursively.")
+    # one line for bad arguments (argparse prints usage too), as every script of this folder does
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
+    parser.add_argument("gt_dir", help="folder of real images")
+    parser.add_argument("gen_dir", help="folder of generated images")
+    parser.add_argument("--ckpt", default=str(DEFAULT_CKPT),
+                        help="Inception-v3 weights (default: the course's afhq_inception_v3.ckpt beside this file)")
     parser.add_argument("--img_size", type=int, default=256,
-                        help=f"side images are resized to before Inception (course: 256; "
-                             f"at least {MIN_INPUT_SIZE}; use the size the checkpoint was "
-                             f"trained at)")
+                        help=f"input size for Inception (course: 256; at least {MIN_INPUT_SIZE})")
     parser.add_argument("--batch_size", type=int, default=50, help="images per forward pass")
-    parser.add_argument("--device", type=str, default=None,
-                        help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--kid", action="store_true",
-                        help="also print the kernel inception distance and its standard error")
-    args = parser.parse_args(argv)
-    # This file runs from fid/, where the folder's cli.py is out of reach: it reports bad input
-    # itself, in cli.run's format (one line on stderr, exit 1 or 2).
-    if args.batch_size < 1:
-        parser.exit(2, f"{parser.prog}: error: --batch_size must be at least 1\n")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:1 (default: cuda if available)")
+    parser.add_argument("--kid", action="store_true", help="also print KID and its standard error")
+    return parser
+
+
+def main(argv=None):
+    """The script: errors of the code below become one line on stderr (exit 1), as cli.run does
+    for the folder above (whose cli.py is out of reach when this runs from fid/)."""
+    args = build_parser().parse_args(argv)
     try:
-        features = features_given_paths([args.gt_dir, args.gen_dir], args.img_size,
-                                        args.batch_size, args.ckpt, parse_device(args.device))
-        fid = frechet_distance(*feature_statistics(features[0]), *feature_statistics(features[1]))
-        kid = kernel_inception_distance(*features) if args.kid else None
+        files = [list_images(args.gt_dir), list_images(args.gen_dir)]
+        verify_images(files[0] + files[1])  # a bad image is reported before the slow work starts
+        scorer = Scorer(args.ckpt, args.img_size, args.batch_size, args.device)
+        scores = scorer.score(files[1], scorer.features(files[0], args.gt_dir), args.gen_dir, kid=args.kid)
     except (FIDInputError, ValueError) as error:
-        parser.exit(1, f"{parser.prog}: error: {one_line(error)}\n")
-    print(f"FID: {fid}")
-    if kid is not None:
-        print(f"KID: {kid[0]} +- {kid[1]}")
+        sys.exit(f"{sys.argv[0]}: error: {one_line(error)}")
+    print(f"FID: {scores['fid']}")
+    if args.kid:
+        print(f"KID: {scores['kid']} +- {scores['kid_se']}")
 
 
 if __name__ == "__main__":
