@@ -41,16 +41,24 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, num_steps: int) -> torch.Tens
 
     Each lambda on the grid becomes a timestep by linear interpolation of lambda_t between
     neighbouring integers t, rounded to the nearest (half to even), as diffusers' use_lu_lambdas does.
-    A repeat (possible only when S nears T) moves to one below its predecessor.
+    Near t = 0 lambda changes by more than the grid's step from one integer to the next (T = 1000,
+    linear betas: from S = 39 on), and rounding gives a timestep twice; diffusers keeps the repeat (a
+    step with h = 0, where the multistep update divides by zero). Here a repeat moves to one above
+    its predecessor, as ddim_timesteps does for "quadratic" (and, should that pass T - 1, the top
+    ones move down), so the S timesteps are distinct.
     """
     alpha_bar = alphas_cumprod.double().cpu().numpy()
+    T = len(alpha_bar)
     lambdas = 0.5 * (np.log(alpha_bar) - np.log1p(-alpha_bar))  # lambda_t, decreasing in t
     grid = np.linspace(lambdas[-1], lambdas[0], num_steps)  # from the noisiest to the cleanest
     # np.interp needs increasing abscissae: read t off the reversed (increasing) lambdas
-    t = np.interp(grid, lambdas[::-1], np.arange(len(lambdas))[::-1]).round().astype(np.int64)
-    for i in range(1, num_steps):
-        t[i] = min(t[i], t[i - 1] - 1)
-    return torch.from_numpy(t)
+    t = np.interp(grid, lambdas[::-1], np.arange(T)[::-1]).round().astype(np.int64)[::-1].copy()
+    for i in range(1, num_steps):  # ascending now
+        t[i] = max(t[i], t[i - 1] + 1)
+    t[-1] = min(t[-1], T - 1)
+    for i in range(num_steps - 2, -1, -1):
+        t[i] = min(t[i], t[i + 1] - 1)
+    return torch.from_numpy(t[::-1].copy())
 
 
 def solver_timesteps(alphas_cumprod: torch.Tensor, num_steps: int, timestep_spacing: str = "quadratic"):
