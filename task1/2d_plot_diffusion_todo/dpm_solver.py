@@ -4,7 +4,8 @@ beside DDIM, for the same trained network. The course's DDIM (ddpm.py) is unchan
 
 DDIM with eta = 0 and DPM-Solver++ both solve the probability-flow ODE of the diffusion. Written
 in lambda_t = log(alpha_t / sigma_t), half the log-SNR, with alpha_t = sqrt(alpha_bar_t) and
-sigma_t = sqrt(1 - alpha_bar_t), its exact solution from s to t (the paper's Sec. 4) is
+sigma_t = sqrt(1 - alpha_bar_t), its exact solution from s to t, in the data-prediction form of
+DPM-Solver++, is
 
     x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0_theta(x_lambda, lambda) dlambda
 
@@ -36,8 +37,8 @@ PREDICTORS = ("noise", "x0", "mean")
 
 
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """S timesteps evenly spaced in lambda (the log-SNR), the paper's choice (Sec. 6), from
-    lambda(T - 1) to lambda(0): [S] int64, descending.
+    """S timesteps evenly spaced in lambda (uniform log-SNR, the step schedule of the DPM-Solver
+    papers), from lambda(T - 1) to lambda(0): [S] int64, descending.
 
     Each lambda on the grid becomes a timestep by linear interpolation of lambda_t between
     neighbouring integers t, rounded to the nearest (half to even), as diffusers' use_lu_lambdas does.
