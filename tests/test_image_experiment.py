@@ -284,7 +284,9 @@ def test_fid_grid_dpm_solver_rows(quick, tmp_path):
                                                                               "ddim_quadratic_steps4_eta0"))
     assert np.abs(solver_pixels - ddim_pixels).max() <= 1
     assert first["fid"] == pytest.approx(ddim["fid"], rel=1e-2) and first["fid"] != second["fid"]
-    pairs = {(c["a"], c["b"]) for c in grid["comparisons"]}
+    saved = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert saved["ddpm"] is None and saved["dpm_solver"] == grid["dpm_solver"]
+    pairs = {(c["a"], c["b"]) for c in saved["comparisons"]}
     assert ("DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 0") in pairs
     md = (tmp_path / "grid" / "results.md").read_text()
     assert "DPM-Solver++ (deterministic: eta does not apply" in md and "| 2, quadratic |" in md
