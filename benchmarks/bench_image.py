@@ -47,6 +47,7 @@ DDIM_STEPS = (10, 20, 50)
 ROUNDS = 3
 DDIM_RATIO_TOLERANCE = 0.15
 SOLVER_RATIO_TOLERANCE = 0.15
+SOLVER_ROUNDS = 5  # its samplers take a second or two each: more rounds steady the medians
 CPU_MEASUREMENTS = (1, 2, 3, 5, 6)
 MAX_STEP_SHARE = 0.02
 PRECISION_STEPS = 10
@@ -76,11 +77,11 @@ def small_unet():
     return UNet(T=RATIO_T, image_resolution=32, ch=32, ch_mult=[1, 2, 2], attn=[1], num_res_blocks=1).eval()
 
 
-def interleaved_sampling_seconds(samplers: dict) -> dict:
-    """{name: DiffusionModule} -> {name: median seconds of .sample(4) over ROUNDS interleaved rounds}."""
+def interleaved_sampling_seconds(samplers: dict, rounds: int = ROUNDS) -> dict:
+    """{name: DiffusionModule} -> {name: median seconds of .sample(4) over `rounds` interleaved rounds}."""
     next(iter(samplers.values())).sample(4)  # warm-up
     seconds = {name: [] for name in samplers}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, sampler in samplers.items():
             seconds[name].append(timed(lambda: sampler.sample(4), repeats=1, warm_up=False))
     return {name: statistics.median(values) for name, values in seconds.items()}
@@ -109,7 +110,7 @@ def ddim_vs_ddpm(missed):
 
 def dpm_solver_vs_ddim(missed):
     print(f"6. DPM-Solver++ vs DDIM (eta 0) time per network call (the small UNet of 1., batch 4, T={RATIO_T}, "
-          f"quadratic timesteps; median of {ROUNDS} interleaved rounds)")
+          f"quadratic timesteps; median of {SOLVER_ROUNDS} interleaved rounds)")
     network = small_unet()
     samplers = {}
     for calls in DDIM_STEPS:
@@ -118,7 +119,7 @@ def dpm_solver_vs_ddim(missed):
         for order in (2, 3):
             samplers[(f"DPM-Solver++({order}M)", calls)] = DiffusionModule(network, DPMSolverScheduler(
                 RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, order=order, timestep_spacing="quadratic"))
-    seconds = interleaved_sampling_seconds(samplers)
+    seconds = interleaved_sampling_seconds(samplers, SOLVER_ROUNDS)
     for (name, calls), solver_seconds in seconds.items():
         if name == "DDIM":
             continue
