@@ -316,13 +316,15 @@ def dpm_solver_markdown(results: dict) -> str:
     solver = {(r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
     ddim = {(r["eta"], r["timestep_spacing"], r["steps"]): r for r in results["spacings"]}
     orders = sorted({r["order"] for r in results["dpm_solver"]})
-    lines = ["", f"**Few network calls: DPM-Solver++ against DDIM**, Chamfer distance, mean ± standard error over "
-                 f"{len(results['ddpm']['cds'])} draws of x_T (the same draws as above). DPM-Solver++ is deterministic: "
-                 f"eta does not apply. logsnr: timesteps evenly spaced in log-SNR (DPM-Solver++ only). "
+    lines = ["", f"**Few network calls: DPM-Solver++ against DDIM**, Chamfer distance, mean ± standard error "
+                 f"over {len(results['ddpm']['cds'])} draws of x_T (the same draws as above). DPM-Solver++ is "
+                 f"deterministic: eta does not apply. logsnr: timesteps evenly spaced in log-SNR (DPM-Solver++ only). "
                  f"DDPM (1000 calls): {format_cd(results['ddpm'])}; floor {results['floor_cd']:.3f}.",
-             "", "| calls | sampler | " + " | ".join(SOLVER_SPACINGS) + " |", "|---|---|" + "---|" * len(SOLVER_SPACINGS)]
+             "", "| calls | sampler | " + " | ".join(SOLVER_SPACINGS) + " |",
+             "|---|---|" + "---|" * len(SOLVER_SPACINGS)]
     for calls in sorted({r["steps"] for r in results["dpm_solver"]}):
-        samplers = [(f"DDIM, eta {eta:g}", lambda spacing, eta=eta: ddim.get((eta, spacing, calls))) for eta in (0.0, 1.0)]
+        samplers = [(f"DDIM, eta {eta:g}", lambda spacing, eta=eta: ddim.get((eta, spacing, calls)))
+                    for eta in (0.0, 1.0)]
         samplers += [(SOLVER_NAMES[order], lambda spacing, order=order: solver.get((order, spacing, calls)))
                      for order in orders]
         for name, row_of in samplers:
@@ -503,7 +505,8 @@ def save_dpm_solver_figure(out: str, results: dict) -> None:
         for spacing, style in (("quadratic", "-"), ("logsnr", "--")):
             rows = [r for r in results["dpm_solver"] if r["order"] == order and r["timestep_spacing"] == spacing]
             ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
-                        color=f"C{order}", linestyle=style, marker="o", capsize=3, label=f"DPM-Solver++ order {order}, {spacing}")
+                        color=f"C{order}", linestyle=style, marker="o", capsize=3,
+                        label=f"DPM-Solver++ order {order}, {spacing}")
     ax.axhline(results["ddpm"]["cd_mean"], color="black", linestyle=":", label="DDPM (1000 calls)")
     ax.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor")
     ax.set(xscale="log", yscale="log", xlabel="network calls", ylabel="Chamfer distance (mean ± SE)",

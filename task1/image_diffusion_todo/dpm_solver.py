@@ -135,7 +135,8 @@ class DPMSolverScheduler(BaseScheduler):
         if order not in SOLVER_ORDERS:
             raise ValueError(f"the solver order must be one of {SOLVER_ORDERS}, got {order}")
         if timestep_spacing not in SOLVER_SPACINGS:
-            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(SOLVER_SPACINGS)}")
+            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; "
+                             f"choose one of {', '.join(SOLVER_SPACINGS)}")
         self.order, self.timestep_spacing, self.lower_order_final = order, timestep_spacing, lower_order_final
         self.set_inference_timesteps(num_inference_timesteps)
 
