@@ -1,7 +1,8 @@
 """Task 1-2 speed, as ratios measured in one run (absolute times depend on the machine). Every
 ratio has a bound; the script ends with status 1, naming the bounds it missed, when one is missed.
 
-    .venv/bin/python benchmarks/bench_image.py [--threads N]     # on the CPU: 1-3 and 5
+    .venv/bin/python benchmarks/bench_image.py [--threads N]     # on the CPU: 1-3, 5 and 6
+    .venv/bin/python benchmarks/bench_image.py --only 6          # one CPU measurement (here 6)
     .venv/bin/python benchmarks/bench_image.py --device cuda     # on a GPU: 4
 
 1. DDIM with S steps costs S/T of DDPM's sampling time. Bound: (DDIM time / DDPM time) / (S / T)
@@ -20,6 +21,9 @@ ratio has a bound; the script ends with status 1, naming the bounds it missed, w
    `torchrun --nproc_per_node 2 sampling.py`, interleaved, one thread per process): images per
    second per process, and the 2-process speed-up. Bounds: the same PNG bytes, speed-up >= 1.3 on
    2 cores (bench_sampling.py alone also reports the cost of one noise generator per image).
+6. DPM-Solver++ (dpm_solver.py) costs what DDIM costs per network call: its multistep update is a
+   few tensor operations next to the network. Bound: (DPM-Solver++ time / DDIM eta 0 time) at the
+   same number of calls within 1 +- 0.15, orders 2 and 3, the small UNet of 1., interleaved rounds.
 """
 import argparse
 import statistics
@@ -30,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "task1" / "image_diffusion_todo"))
+from dpm_solver import DPMSolverScheduler  # noqa: E402
 from model import DiffusionModule  # noqa: E402
 from network import UNet  # noqa: E402
 from scheduler import DDIMScheduler, DDPMScheduler  # noqa: E402
@@ -41,6 +46,9 @@ RATIO_T = 200
 DDIM_STEPS = (10, 20, 50)
 ROUNDS = 3
 DDIM_RATIO_TOLERANCE = 0.15
+SOLVER_RATIO_TOLERANCE = 0.15
+SOLVER_ROUNDS = 5  # its samplers take a second or two each: more rounds steady the medians
+CPU_MEASUREMENTS = (1, 2, 3, 5, 6)
 MAX_STEP_SHARE = 0.02
 PRECISION_STEPS = 10
 
@@ -64,30 +72,62 @@ def verdict(ok: bool, bound: str, missed: list) -> str:
     return "ok" if ok else "MISSED"
 
 
+def small_unet():
+    torch.manual_seed(0)
+    return UNet(T=RATIO_T, image_resolution=32, ch=32, ch_mult=[1, 2, 2], attn=[1], num_res_blocks=1).eval()
+
+
+def interleaved_sampling_seconds(samplers: dict, rounds: int = ROUNDS) -> dict:
+    """{name: DiffusionModule} -> {name: median seconds of .sample(4) over `rounds` interleaved rounds}."""
+    next(iter(samplers.values())).sample(4)  # warm-up
+    seconds = {name: [] for name in samplers}
+    for _ in range(rounds):
+        for name, sampler in samplers.items():
+            seconds[name].append(timed(lambda: sampler.sample(4), repeats=1, warm_up=False))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def ddim_vs_ddpm(missed):
     print(f"1. DDIM vs DDPM sampling time (small UNet: ch=32, ch_mult=[1,2,2], 1 res block, 32x32, batch 4, "
           f"T={RATIO_T}; median of {ROUNDS} interleaved rounds)")
-    torch.manual_seed(0)
-    network = UNet(T=RATIO_T, image_resolution=32, ch=32, ch_mult=[1, 2, 2], attn=[1], num_res_blocks=1).eval()
+    network = small_unet()
     samplers = {"ddpm": DiffusionModule(network, DDPMScheduler(RATIO_T, 1e-4, 0.02))}
     for steps in DDIM_STEPS:
         samplers[steps] = DiffusionModule(
             network, DDIMScheduler(RATIO_T, 1e-4, 0.02, num_inference_timesteps=steps, eta=0.0))
-    samplers[DDIM_STEPS[0]].sample(4)  # warm-up
-    seconds = {name: [] for name in samplers}
-    for _ in range(ROUNDS):
-        for name, sampler in samplers.items():
-            seconds[name].append(timed(lambda: sampler.sample(4), repeats=1, warm_up=False))
-    ddpm_seconds = statistics.median(seconds["ddpm"])
+    seconds = interleaved_sampling_seconds(samplers)
+    ddpm_seconds = seconds["ddpm"]
     print(f"   DDPM, {RATIO_T} steps: {ddpm_seconds:.2f} s")
     for steps in DDIM_STEPS:
-        ddim_seconds = statistics.median(seconds[steps])
+        ddim_seconds = seconds[steps]
         ratio = ddim_seconds / ddpm_seconds
         relative = ratio / (steps / RATIO_T)
         ok = abs(relative - 1) <= DDIM_RATIO_TOLERANCE
         bound = f"DDIM {steps} steps: {relative:.3f} x S/T, not within 1 +- {DDIM_RATIO_TOLERANCE}"
         print(f"   DDIM, {steps:3d} steps: {ddim_seconds:.3f} s; time ratio {ratio:.4f} vs S/T "
               f"{steps / RATIO_T:.4f} -> {relative:.3f} x S/T ({verdict(ok, bound, missed)})")
+
+
+def dpm_solver_vs_ddim(missed):
+    print(f"6. DPM-Solver++ vs DDIM (eta 0) time per network call (the small UNet of 1., batch 4, T={RATIO_T}, "
+          f"quadratic timesteps; median of {SOLVER_ROUNDS} interleaved rounds)")
+    network = small_unet()
+    samplers = {}
+    for calls in DDIM_STEPS:
+        samplers[("DDIM", calls)] = DiffusionModule(network, DDIMScheduler(
+            RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, eta=0.0, timestep_spacing="quadratic"))
+        for order in (2, 3):
+            samplers[(f"DPM-Solver++({order}M)", calls)] = DiffusionModule(network, DPMSolverScheduler(
+                RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, order=order, timestep_spacing="quadratic"))
+    seconds = interleaved_sampling_seconds(samplers, SOLVER_ROUNDS)
+    for (name, calls), solver_seconds in seconds.items():
+        if name == "DDIM":
+            continue
+        ratio = solver_seconds / seconds[("DDIM", calls)]
+        ok = abs(ratio - 1) <= SOLVER_RATIO_TOLERANCE
+        bound = f"{name} {calls} calls: {ratio:.3f} x DDIM's time, not within 1 +- {SOLVER_RATIO_TOLERANCE}"
+        print(f"   {name}, {calls:3d} calls: {solver_seconds:.3f} s vs DDIM {seconds[('DDIM', calls)]:.3f} s -> "
+              f"{ratio:.3f} x ({verdict(ok, bound, missed)})")
 
 
 def step_overhead(unet, missed):
@@ -207,6 +247,8 @@ def main():
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="cpu: measurements 1-3 and 5; cuda: the float32 vs bf16 training step (4)")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index for --device cuda")
+    parser.add_argument("--only", type=int, nargs="+", choices=CPU_MEASUREMENTS, default=CPU_MEASUREMENTS,
+                        help="on the CPU, run only these measurements (2 and 3 go together)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; on a CPU shared with other jobs, "
                              "1 thread gives steadier numbers)")
@@ -224,12 +266,17 @@ def main():
         precision_comparison(torch.device("cuda", args.gpu), missed)
     else:
         print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} threads")
-        ddim_vs_ddpm(missed)
-        torch.manual_seed(0)
-        unet = UNet().eval()
-        forward_seconds = step_overhead(unet, missed)
-        course_unet_costs(unet, forward_seconds)
-        sampling_speedup(missed)
+        if 1 in args.only:
+            ddim_vs_ddpm(missed)
+        if {2, 3} & set(args.only):
+            torch.manual_seed(0)
+            unet = UNet().eval()
+            forward_seconds = step_overhead(unet, missed)
+            course_unet_costs(unet, forward_seconds)
+        if 5 in args.only:
+            sampling_speedup(missed)
+        if 6 in args.only:
+            dpm_solver_vs_ddim(missed)
     print(f"total {time.perf_counter() - start:.0f} s")
     if missed:
         sys.exit(f"{len(missed)} bound(s) missed: " + "; ".join(missed))

@@ -563,7 +563,7 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     results = json.loads((out / "results.json").read_text())
     # DESIGN.md's schema, plus the fields added since.
     assert set(results) == {"recipe", "seed", "train_seconds", "floor_cd", "ddpm", "ddim", "train_cpu_seconds",
-                            "recipe_config", "num_samples", "timestep_spacing", "spacings"}
+                            "recipe_config", "num_samples", "timestep_spacing", "spacings", "dpm_solver"}
     assert results["recipe"] == "course" and results["seed"] == 0 and results["timestep_spacing"] == "quadratic"
     assert results["recipe_config"]["num_iterations"] == 300 and results["num_samples"] == 256
     assert set(results["ddpm"]) == {"cd", "seconds", "cd_mean", "cd_se", "cds"}
@@ -573,8 +573,9 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     assert 0 < results["floor_cd"] < results["ddpm"]["cd"]
     # The spacing table: every spacing at every (steps, eta); the grid is the quadratic rows.
     spacing_cd = {(r["timestep_spacing"], r["steps"], r["eta"]): r["cd"] for r in results["spacings"]}
-    assert set(spacing_cd) == {(s, n, e) for s in ("leading", "linspace", "trailing", "quadratic")
-                               for n in (10, 20) for e in (0.0, 1.0)}
+    spacing_cds = {(r["timestep_spacing"], r["steps"], r["eta"]): r["cds"] for r in results["spacings"]}
+    spacings = ("leading", "linspace", "trailing", "quadratic")
+    assert set(spacing_cd) == {(s, n, e) for s in spacings for n in (10, 20) for e in (0.0, 1.0)}
     assert all(spacing_cd[("quadratic", r["steps"], r["eta"])] == r["cd"] for r in results["ddim"])
     assert len(set(spacing_cd.values())) == len(spacing_cd)  # different sub-sequences, different samples
     # Over --sampling_seeds (default 3) draws of x_T: the first is the grid's, then mean and standard error.
@@ -582,8 +583,15 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
         assert len(row["cds"]) == 3 and row["cds"][0] == row["cd"] and len(set(row["cds"])) == 3
         assert row["cd_mean"] == pytest.approx(np.mean(row["cds"]))
         assert row["cd_se"] == pytest.approx(np.std(row["cds"], ddof=1) / np.sqrt(3))
+    # DPM-Solver++: every order, spacing and number of calls, from the same draws of x_T (order 1 is
+    # DDIM with eta 0 up to float32 rounding, so its CDs are the DDIM rows')
+    solver = {(r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
+    assert set(solver) == {(o, s, n) for o in (1, 2, 3) for s in (*spacings, "logsnr") for n in (10, 20, 50)}
+    for spacing in spacings:
+        for n in (10, 20):
+            np.testing.assert_allclose(solver[(1, spacing, n)]["cds"], spacing_cds[(spacing, n, 0.0)], rtol=1e-3)
     for name in ("results.md", "loss.png", "samples.png", "cd_time_vs_steps.png", "cd_vs_steps_by_spacing.png",
-                 "samples_by_spacing.png", "model.ckpt"):
+                 "samples_by_spacing.png", "cd_vs_calls_dpm_solver.png", "model.ckpt"):
         assert (out / name).stat().st_size > 0
     assert "| eta \\ steps | 10 | 20 |" in result.stdout
     assert "| steps S | eta | leading | linspace | trailing | quadratic |" in result.stdout
@@ -689,7 +697,7 @@ def test_run_experiment_refuses_a_used_out_and_steps_that_never_denoise(experime
     out.mkdir()
     (out / "model.ckpt").write_bytes(b"an earlier run's model")
     for argv, message in [(["--out", str(out)], "holds an earlier run (model.ckpt): pass --overwrite"),
-                          (["--out", str(tmp_path / "new"), "--ddim_steps", "1"], "--ddim_steps 1: DDIM with 1 step")]:
+                          (["--out", str(tmp_path / "new"), "--ddim_steps", "1"], "--ddim_steps 1: 1 step under leading")]:
         with pytest.raises(SystemExit) as exit_info:
             experiment.main(argv)
         assert exit_info.value.code == 2

@@ -18,8 +18,8 @@ from conftest import AFHQ_CLASSES as CLASSES
 T = 20
 TINY_UNET = ["--image_resolution", "16", "--ch", "32", "--ch_mult", "1", "2", "--num_res_blocks", "1",
              "--num_diffusion_train_timesteps", str(T), "--batch_size", "4", "--num_workers", "0"]
-SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "timestep_spacing", "num_samples", "seed",
-                 "use_ema", "num_processes", "seconds", "seconds_per_process"}
+SAMPLING_KEYS = {"ckpt_path", "sample_method", "ddim_steps", "eta", "solver_order", "timestep_spacing",
+                 "num_samples", "seed", "use_ema", "num_processes", "seconds", "seconds_per_process"}
 
 
 def snapshot(folder):

@@ -259,3 +259,34 @@ def test_fid_grid_script(quick, tmp_path):
     assert grid["T"] == results["T"] and grid["num_gt"] == 6
     assert [(r["steps"], r["eta"]) for r in grid["ddim"]] == [(5, 0.5)]
     assert "| eta \\ steps | 5 |" in (tmp_path / "grid" / "results.md").read_text()
+
+
+def test_fid_grid_dpm_solver_rows(quick, tmp_path):
+    """--dpm_solver_steps rows beside DDIM eta 0 on the same timesteps, without DDPM (--skip_ddpm):
+    order 1 is DDIM eta 0, so its images, FID and KID are DDIM's (up to a pixel level of rounding)."""
+    fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
+    out, results, _ = quick
+    args = fid_grid.build_parser().parse_args([
+        "--ckpt_path", str(out / "unet" / "last.ckpt"), "--gt_dir", str(out / "data" / "val"),
+        "--out", str(tmp_path / "grid"), "--num_samples", "8", "--batch_size", "8", "--skip_ddpm",
+        "--ddim_steps", "4", "--etas", "0", "--timestep_spacing", "quadratic", "--dpm_solver_steps", "4",
+        "--dpm_solver_orders", "1", "2", "--fid_ckpt", str(out / "fid" / "standin_inception_v3.ckpt"),
+        "--fid_img_size", "75", "--fid_device", "cpu", "--use_ema"])
+    fid_grid.check_args(args)
+    grid = fid_grid.run_grid(args)
+    assert grid["ddpm"] is None and not (tmp_path / "grid" / "samples" / "ddpm").exists()
+    assert [(r["order"], r["spacing"], r["steps"]) for r in grid["dpm_solver"]] == [(1, "quadratic", 4),
+                                                                                      (2, "quadratic", 4)]
+    ddim, (first, second) = grid["ddim"][0], grid["dpm_solver"]
+    assert set(first) == {"order", "spacing", "steps", "fid", "kid", "kid_se", "seconds"}
+    solver_pixels, ddim_pixels = (np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in sorted(
+        (tmp_path / "grid" / "samples" / name).glob("*.png"))]) for name in ("dpm_solver1_quadratic_steps4",
+                                                                              "ddim_quadratic_steps4_eta0"))
+    assert np.abs(solver_pixels - ddim_pixels).max() <= 1
+    assert first["fid"] == pytest.approx(ddim["fid"], rel=1e-2) and first["fid"] != second["fid"]
+    saved = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert saved["ddpm"] is None and saved["dpm_solver"] == grid["dpm_solver"]
+    pairs = {(c["a"], c["b"]) for c in saved["comparisons"]}
+    assert ("DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 0") in pairs
+    md = (tmp_path / "grid" / "results.md").read_text()
+    assert "DPM-Solver++ (deterministic: eta does not apply" in md and "| 2, quadratic |" in md

@@ -4,7 +4,8 @@ and measure the Chamfer distance (CD) of each against the target, as the course 
     python run_experiment.py --recipe course --seed 0 --out ../../results/2d_course
 
 The DDIM grid (steps x eta) uses --timestep_spacing; a second table compares every spacing
-(leading, linspace, trailing, quadratic: see ddpm.ddim_timesteps) at the same steps and etas.
+(leading, linspace, trailing, quadratic: see ddpm.ddim_timesteps) at the same steps and etas; a
+third puts DPM-Solver++ (dpm_solver.py, orders --solver_orders) beside DDIM at few network calls.
 Writes OUT/results.json, OUT/results.md, OUT/model.ckpt and figures (loss, samples, CD and time
 against steps, CD against steps per spacing).
 """
@@ -28,6 +29,7 @@ from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
 from atomic_write import atomic_write_text
 from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_denoises, check_eta, ddim_timesteps
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, dpm_solver_sample_loop
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -35,6 +37,7 @@ NUM_TARGET_POINTS = 1_000_000  # the course's target set; its first NUM_EVAL_SAM
 NUM_EVAL_SAMPLES = 2048
 DDIM_STEPS = [10, 20, 50, 100, 1000]
 DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
+SOLVER_CALLS = [10, 20, 50]  # DPM-Solver++ rows: network calls
 # Sampling times are medians over --timing_rounds interleaved rounds (every sampler once per
 # round, so a change of machine load mid-run affects all alike); within a round a sampler with few
 # steps is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
@@ -91,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--timestep_spacing", default="leading", choices=TIMESTEP_SPACINGS,
                         help="DDIM sub-sequence of the steps x eta grid (leading is the course's); "
                              "every spacing is compared in a second table either way")
+    parser.add_argument("--solver_orders", type=int, nargs="*", default=list(SOLVER_ORDERS), choices=SOLVER_ORDERS,
+                        help="DPM-Solver++ orders of the few-step table (see dpm_solver.py; none: no table)")
+    parser.add_argument("--solver_calls", type=int, nargs="+", default=SOLVER_CALLS,
+                        help="network calls of the DPM-Solver++ rows (each spacing, each order)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="override the recipe's number of training iterations (for quick checks)")
     parser.add_argument("--num_samples", type=int, default=NUM_EVAL_SAMPLES,
@@ -105,9 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="replace the results and model.ckpt of an earlier run in --out")
     args = parser.parse_args(argv)
 
-    bad_steps = [s for s in args.ddim_steps if not 1 <= s <= NUM_TRAIN_TIMESTEPS]
-    if bad_steps:
-        parser.error(f"--ddim_steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {bad_steps[0]}")
+    for flag, values in (("--ddim_steps", args.ddim_steps), ("--solver_calls", args.solver_calls)):
+        bad_steps = [s for s in values if not 1 <= s <= NUM_TRAIN_TIMESTEPS]
+        if bad_steps:
+            parser.error(f"{flag} must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {bad_steps[0]}")
     for eta in args.etas:
         try:
             check_eta(eta)
@@ -118,6 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_denoises(ddim_timesteps(NUM_TRAIN_TIMESTEPS, steps, args.timestep_spacing)[0], args.timestep_spacing)
         except ValueError as error:
             parser.error(f"--ddim_steps {steps}: {error}")
+    if args.solver_orders and 1 in args.solver_calls:
+        parser.error("--solver_calls 1: the solver's table covers every spacing, and 1 step under leading, "
+                     "linspace or quadratic visits only t = 0: use 2 or more calls")
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
@@ -291,6 +302,57 @@ def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bo
     spacing_rows = [{"timestep_spacing": spacing, "steps": steps, "eta": eta, **cd_fields((spacing, steps, eta))}
                     for spacing in TIMESTEP_SPACINGS for eta in args.etas for steps in args.ddim_steps]
     return ddpm, ddim, spacing_rows, samples
+
+
+def evaluate_dpm_solver(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True) -> List[dict]:
+    """CD of DPM-Solver++ for every (order, spacing, calls) over the draws of x_T that evaluate uses
+    (draw k seeded by args.seed + 1000 k: each row starts from the DDIM rows' x_T) -> the rows of
+    results["dpm_solver"]; "steps" counts network calls, and "cd" is the first draw's."""
+    shape = tuple(reference.shape)
+    settings = [(order, spacing, calls) for order in args.solver_orders
+                for spacing in SOLVER_SPACINGS for calls in args.solver_calls]
+    rows = []
+    for order, spacing, calls in tqdm(settings, desc="DPM-Solver++", disable=not progress):
+        cds = []
+        for draw in range(args.sampling_seeds):
+            torch.manual_seed(args.seed + 1000 * draw)
+            sample = dpm_solver_sample_loop(model, shape, calls, order, spacing).cpu()
+            cds.append(float(chamfer_distance(sample, reference)))
+        mean, standard_error = mean_and_standard_error(cds)
+        rows.append({"order": order, "timestep_spacing": spacing, "steps": calls, "cd": cds[0],
+                     "cd_mean": mean, "cd_se": standard_error, "cds": cds})
+    return rows
+
+
+def format_cd(row: Optional[dict]) -> str:
+    """'mean ± SE' of a row with cd_mean and cd_se; '-' for None."""
+    if row is None:
+        return "-"
+    return f"{row['cd_mean']:.3f}" + ("" if row["cd_se"] is None else f" ± {row['cd_se']:.3f}")
+
+
+SOLVER_NAMES = {1: "DPM-Solver++ order 1 (= DDIM eta 0)", 2: "DPM-Solver++(2M)", 3: "DPM-Solver++(3M)"}
+
+
+def dpm_solver_markdown(results: dict) -> str:
+    """The few-step table: calls x sampler x spacing, DDIM (eta 0 and 1) beside DPM-Solver++."""
+    solver = {(r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
+    ddim = {(r["eta"], r["timestep_spacing"], r["steps"]): r for r in results["spacings"]}
+    orders = sorted({r["order"] for r in results["dpm_solver"]})
+    lines = ["", f"**Few network calls: DPM-Solver++ against DDIM**, Chamfer distance, mean ± standard error "
+                 f"over {len(results['ddpm']['cds'])} draws of x_T (the same draws as above). DPM-Solver++ is "
+                 f"deterministic: eta does not apply. logsnr: timesteps evenly spaced in log-SNR (DPM-Solver++ only). "
+                 f"DDPM (1000 calls): {format_cd(results['ddpm'])}; floor {results['floor_cd']:.3f}.",
+             "", "| calls | sampler | " + " | ".join(SOLVER_SPACINGS) + " |",
+             "|---|---|" + "---|" * len(SOLVER_SPACINGS)]
+    for calls in sorted({r["steps"] for r in results["dpm_solver"]}):
+        samplers = [(f"DDIM, eta {eta:g}", lambda spacing, eta=eta: ddim.get((eta, spacing, calls)))
+                    for eta in (0.0, 1.0)]
+        samplers += [(SOLVER_NAMES[order], lambda spacing, order=order: solver.get((order, spacing, calls)))
+                     for order in orders]
+        for name, row_of in samplers:
+            lines.append(f"| {calls} | {name} | " + " | ".join(format_cd(row_of(s)) for s in SOLVER_SPACINGS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def results_markdown(results: dict) -> str:
@@ -472,6 +534,34 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
     save_samples_figure(plt, out, results, samples, reference)
     save_cd_time_figure(plt, out, results)
     save_spacing_figures(plt, out, results, samples, reference)
+    if results.get("dpm_solver"):
+        save_dpm_solver_figure(plt, out, results)
+
+
+def save_dpm_solver_figure(plt, out: str, results: dict) -> None:
+    """CD against network calls: DPM-Solver++ of every order on the quadratic and logsnr timesteps,
+    DDIM (eta 0 and 1) on the quadratic ones, DDPM and the floor."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for eta, colour in ((0.0, "black"), (1.0, "gray")):
+        rows = sorted((r for r in results["spacings"] if r["timestep_spacing"] == "quadratic" and r["eta"] == eta),
+                      key=lambda r: r["steps"])
+        ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
+                    color=colour, marker="s", capsize=3, label=f"DDIM eta {eta:g}, quadratic")
+    for order in sorted({r["order"] for r in results["dpm_solver"]}):
+        for spacing, style in (("quadratic", "-"), ("logsnr", "--")):
+            rows = [r for r in results["dpm_solver"] if r["order"] == order and r["timestep_spacing"] == spacing]
+            ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
+                        color=f"C{order}", linestyle=style, marker="o", capsize=3,
+                        label=f"DPM-Solver++ order {order}, {spacing}")
+    ax.axhline(results["ddpm"]["cd_mean"], color="black", linestyle=":", label="DDPM (1000 calls)")
+    ax.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor")
+    ax.set(xscale="log", yscale="log", xlabel="network calls", ylabel="Chamfer distance (mean ± SE)",
+           title=f"Few-step samplers ({results['recipe']} recipe, seed {results['seed']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cd_vs_calls_dpm_solver.png"), dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> dict:
@@ -504,14 +594,16 @@ def main(argv=None) -> dict:
                "train_cpu_seconds": train_cpu_seconds, "recipe_config": asdict(recipe),
                "num_samples": args.num_samples, "timestep_spacing": args.timestep_spacing,
                "spacings": spacing_rows}
+    if args.solver_orders:
+        results["dpm_solver"] = evaluate_dpm_solver(sampling_model, reference, args)
     atomic_write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2) + "\n")
-    markdown = results_markdown(results)
+    markdown = results_markdown(results) + (dpm_solver_markdown(results) if args.solver_orders else "")
     atomic_write_text(os.path.join(args.out, "results.md"), markdown)
     save_figures(args.out, results, losses, samples, reference)
 
     print(markdown)
     print(f"Results, model and figures (loss.png, samples.png, cd_time_vs_steps.png, cd_vs_steps_by_spacing.png, "
-          f"samples_by_spacing.png) are in {os.path.abspath(args.out)}")
+          f"samples_by_spacing.png, cd_vs_calls_dpm_solver.png) are in {os.path.abspath(args.out)}")
     return results
 
 

@@ -120,10 +120,10 @@ def ddim_sub_sequence(num_train_timesteps: int, num_inference_timesteps: int, ti
 
 
 def check_denoises(timesteps: torch.Tensor, timestep_spacing: str) -> None:
-    """ValueError when a DDIM sub-sequence [S] is t = 0 alone (S = 1 under leading, linspace or
+    """ValueError when a sub-sequence [S] (DDIM's, DPM-Solver++'s) is t = 0 alone (S = 1 under leading, linspace or
     quadratic): its one step starts where alpha_bar_0 ~ 1 and returns the noise x_T as x_0."""
     if int(timesteps[0]) == 0:
-        raise ValueError(f"DDIM with {len(timesteps)} step under {timestep_spacing} spacing visits only t = 0 and "
+        raise ValueError(f"{len(timesteps)} step under {timestep_spacing} spacing visits only t = 0 and "
                          f"returns the noise x_T unchanged: use trailing spacing or more steps")
 
 

@@ -15,6 +15,8 @@ are computed once): FID, and KID with its (jackknife) standard error. It writes
     OUT_DIR/fid_vs_steps.png  FID, KID and sampling time against the number of steps
     OUT_DIR/grids/<setting>.png  the first 64 samples of every setting (real.png: real images)
 
+--dpm_solver_steps adds DPM-Solver++ rows (dpm_solver.py; --dpm_solver_orders, --dpm_solver_spacings),
+each compared with DDIM eta 0 at the same steps and spacing; --skip_ddpm leaves out the slow DDPM row.
 --floor_dir adds FID and KID of real images against real images (e.g. the training split
 against GT_DIR) at the same number of images: where a perfect model would land at this sample
 size. --num_gt N measures against N evenly spaced images of GT_DIR (sorted, so every class
@@ -49,6 +51,7 @@ from fid import measure_fid
 from model import CheckpointError, DiffusionModule
 import sampling
 from PIL import Image
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS
 from scheduler import TIMESTEP_SPACINGS, check_eta
 
 matplotlib.use("Agg")
@@ -68,27 +71,33 @@ class GridError(Exception):
 
 
 class Setting(NamedTuple):
-    """One sampler: DDPM (steps = T, eta and spacing unused) or DDIM."""
+    """One sampler: DDPM (steps = T, eta and spacing unused), DDIM, or DPM-Solver++ (dpm_solver:
+    steps = network calls, of order `order`; eta unused)."""
     method: str
     steps: int
     eta: float = 1.0
     spacing: Optional[str] = None
+    order: Optional[int] = None
 
     @property
     def name(self):
         if self.method == "ddpm":
             return "ddpm"
+        if self.method == "dpm_solver":
+            return f"dpm_solver{self.order}_{self.spacing}_steps{self.steps}"
         spacing = "" if self.spacing == COURSE_SPACING else f"_{self.spacing}"
         return f"ddim{spacing}_steps{self.steps}_eta{self.eta:g}"
 
 
 def grid_settings(T, args):
     """DDPM, the main DDIM grid (--etas x --ddim_steps), then every extra spacing at --etas x
-    --extra_steps: the order of the tables."""
-    settings = [Setting("ddpm", T)]
+    --extra_steps, then DPM-Solver++ (--dpm_solver_orders x spacings x steps): the order of the tables."""
+    settings = [] if args.skip_ddpm else [Setting("ddpm", T)]
     settings += [Setting("ddim", s, e, args.timestep_spacing) for e in args.etas for s in args.ddim_steps]
     settings += [Setting("ddim", s, e, spacing) for spacing in args.extra_spacings
                  for e in args.etas for s in args.extra_steps]
+    settings += [Setting("dpm_solver", s, spacing=spacing, order=order) for order in args.dpm_solver_orders
+                 for spacing in args.dpm_solver_spacings for s in args.dpm_solver_steps]
     return settings
 
 
@@ -130,6 +139,8 @@ def sample(args, setting, save_dir, checkpoint):
            "sample_method": setting.method, "ddim_steps": setting.steps, "eta": setting.eta,
            "timestep_spacing": setting.spacing, "use_ema": args.use_ema,
            "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed}
+    if setting.method == "dpm_solver":
+        key["solver_order"] = setting.order
     expected = {sampling.image_path(save_dir, i).name for i in range(args.num_samples)}
     expected |= {sampling.SUMMARY_FILE, SETTING_FILE}
     if save_dir.exists():
@@ -142,8 +153,8 @@ def sample(args, setting, save_dir, checkpoint):
                  "--nproc_per_node", str(args.num_processes)] if args.num_processes > 1 else [sys.executable])
     command = launcher + sampling.command(
         args.ckpt_path, save_dir, sample_method=setting.method, ddim_steps=setting.steps, eta=setting.eta,
-        timestep_spacing=setting.spacing, use_ema=args.use_ema, num_samples=args.num_samples,
-        batch_size=args.batch_size, seed=args.seed, gpu=args.gpu)
+        timestep_spacing=setting.spacing, solver_order=setting.order, use_ema=args.use_ema,
+        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed, gpu=args.gpu)
     print(f"[{setting.name}] sampling {args.num_samples} images", flush=True)
     result = subprocess.run(command, cwd=COURSE_DIR, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -182,6 +193,8 @@ def measure_all(args, settings, out, checkpoint, scorer, reference):
                "seconds": summary["seconds"]}
         if setting.method == "ddim":
             row.update(eta=setting.eta, spacing=setting.spacing)
+        if setting.method == "dpm_solver":
+            row.update(order=setting.order, spacing=setting.spacing)
         print(f"[{setting.name}] FID {row['fid']:.3f}, KID {format_kid(row)}, "
               f"{row['seconds']:.1f} s of sampling", flush=True)
         return row
@@ -241,9 +254,9 @@ def comparisons(results):
         return f"DDIM {s} steps, eta {eta:g}" + ("" if spacing == main else f", {spacing}")
 
     pairs = []
-    if results.get("floor") is not None:
+    if results.get("floor") is not None and results["ddpm"] is not None:
         pairs.append(("DDPM", results["ddpm"], "floor (real vs. real)", results["floor"]))
-    if (main, results["T"], 1.0) in ddim:
+    if (main, results["T"], 1.0) in ddim and results["ddpm"] is not None:
         pairs.append(("DDPM", results["ddpm"], name(main, results["T"], 1.0), ddim[(main, results["T"], 1.0)]))
     for eta in etas if len(steps) > 1 else []:
         pairs.append((name(main, steps[0], eta), ddim[(main, steps[0], eta)],
@@ -256,12 +269,33 @@ def comparisons(results):
             if (main, s, etas[0]) in ddim:
                 pairs.append((name(spacing, s, etas[0]), ddim[(spacing, s, etas[0])],
                               name(main, s, etas[0]), ddim[(main, s, etas[0])]))
+    for row in results.get("dpm_solver", []):  # against deterministic DDIM on the same timesteps
+        if (row["spacing"], row["steps"], 0.0) in ddim:
+            pairs.append((solver_name(row), row, name(row["spacing"], row["steps"], 0.0),
+                          ddim[(row["spacing"], row["steps"], 0.0)]))
     rows = []
     for a, row_a, b, row_b in pairs:
         difference = row_a["kid"] - row_b["kid"]
         se = float(np.hypot(row_a["kid_se"], row_b["kid_se"]))
         rows.append({"a": a, "b": b, "kid_difference": difference, "se": se, "z": difference / se})
     return rows
+
+
+def solver_name(row):
+    """'DPM-Solver++(2M) 10 calls, quadratic' for a results["dpm_solver"] row."""
+    return f"DPM-Solver++({row['order']}M) {row['steps']} calls, {row['spacing']}"
+
+
+def dpm_solver_table(rows, cell):
+    """Markdown table of DPM-Solver++ rows: one row per (order, spacing), columns the calls."""
+    calls = sorted({r["steps"] for r in rows})
+    lookup = {(r["order"], r["spacing"], r["steps"]): r for r in rows}
+    lines = ["| order, spacing \\ network calls | " + " | ".join(map(str, calls)) + " |",
+             "|" + "---|" * (len(calls) + 1)]
+    for order, spacing in sorted({(r["order"], r["spacing"]) for r in rows}):
+        cells = [cell(lookup[(order, spacing, n)]) if (order, spacing, n) in lookup else "-" for n in calls]
+        lines.append(f"| {order}, {spacing} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def comparisons_markdown(rows):
@@ -290,47 +324,60 @@ def results_markdown(results):
         "",
         "## FID (KID x 10^3 +- its standard error); lower is better",
         "",
-        f"FID is biased upwards at small N (compare at the same N only); KID is unbiased. "
-        f"DDPM ({ddpm['steps']} steps): **{fid_kid(ddpm)}**.",
+        "FID is biased upwards at small N (compare at the same N only); KID is unbiased. "
+        + (f"DDPM ({ddpm['steps']} steps): **{fid_kid(ddpm)}**." if ddpm else "DDPM not sampled (--skip_ddpm)."),
     ]
     if results.get("floor") is not None:
         lines += ["", f"Floor, real vs. real images at the same N: **{fid_kid(results['floor'])}**."]
     for spacing, table in spacing_tables(results, fid_kid):
         lines += ["", f"DDIM, {spacing} timesteps:", "", table]
+    if results.get("dpm_solver"):
+        lines += ["", "DPM-Solver++ (deterministic: eta does not apply; steps = network calls):", "",
+                  dpm_solver_table(results["dpm_solver"], fid_kid)]
     lines += ["", "## What the table resolves", "",
               f"KID differences with their standard errors (z = difference / SE); |z| < "
               f"{RESOLVED_Z:g} is unresolved at this N. See `comparisons` in experiments/fid_grid.py.",
               "", comparisons_markdown(comparisons(results))]
     lines += ["", f"## Sampling time (seconds for {n} images, reverse process only)", "",
-              f"DDPM: {ddpm['seconds']:.1f} s."]
+              f"DDPM: {ddpm['seconds']:.1f} s." if ddpm else "DDPM not sampled."]
     for spacing, table in spacing_tables(results, lambda row: f"{row['seconds']:.1f}"):
         lines += ["", f"DDIM, {spacing} timesteps:", "", table]
+    if results.get("dpm_solver"):
+        lines += ["", "DPM-Solver++:", "", dpm_solver_table(results["dpm_solver"], lambda row: f"{row['seconds']:.1f}")]
     return "\n".join(lines) + "\n"
 
 
 def plot(results, path):
     """FID, KID (+- 1 standard error) and sampling time against steps, one line per eta and
-    spacing (solid: the main spacing, dashed: extra spacings); DDPM a star, the floor dotted."""
+    spacing (solid: the main spacing, dashed: extra spacings; DPM-Solver++ dotted); DDPM a star,
+    the floor dotted."""
     fig, (ax_fid, ax_kid, ax_time) = plt.subplots(1, 3, figsize=(16, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     spacings = [results["timestep_spacing"], *results["extra_spacings"]]
+
+    def draw(rows, **style):
+        rows = sorted(rows, key=lambda r: r["steps"])
+        steps = [r["steps"] for r in rows]
+        ax_fid.plot(steps, [r["fid"] for r in rows], **style)
+        ax_kid.errorbar(steps, [KID_SCALE * r["kid"] for r in rows],
+                        yerr=[KID_SCALE * r["kid_se"] for r in rows], capsize=3, **style)
+        ax_time.plot(steps, [r["seconds"] for r in rows], **style)
+
     for i, eta in enumerate(results["etas"]):
         for spacing in spacings:
-            rows = sorted((r for r in results["ddim"] if r["eta"] == eta and r["spacing"] == spacing),
-                          key=lambda r: r["steps"])
-            style = dict(marker="o", color=colours[i % len(colours)],
-                         linestyle="-" if spacing == spacings[0] else "--",
-                         label=f"DDIM {spacing}, eta={eta:g}")
-            steps = [r["steps"] for r in rows]
-            ax_fid.plot(steps, [r["fid"] for r in rows], **style)
-            ax_kid.errorbar(steps, [KID_SCALE * r["kid"] for r in rows],
-                            yerr=[KID_SCALE * r["kid_se"] for r in rows], capsize=3, **style)
-            ax_time.plot(steps, [r["seconds"] for r in rows], **style)
+            draw([r for r in results["ddim"] if r["eta"] == eta and r["spacing"] == spacing],
+                 marker="o", color=colours[i % len(colours)], linestyle="-" if spacing == spacings[0] else "--",
+                 label=f"DDIM {spacing}, eta={eta:g}")
+    solvers = sorted({(r["order"], r["spacing"]) for r in results.get("dpm_solver", [])})
+    for i, (order, spacing) in enumerate(solvers, start=len(results["etas"])):
+        draw([r for r in results["dpm_solver"] if (r["order"], r["spacing"]) == (order, spacing)],
+             marker="^", color=colours[i % len(colours)], linestyle=":", label=f"DPM-Solver++({order}M), {spacing}")
     ddpm, floor = results["ddpm"], results.get("floor")
     star = dict(marker="*", s=150, color="black", zorder=3, label="DDPM")
-    ax_fid.scatter([ddpm["steps"]], [ddpm["fid"]], **star)
-    ax_kid.scatter([ddpm["steps"]], [KID_SCALE * ddpm["kid"]], **star)
-    ax_time.scatter([ddpm["steps"]], [ddpm["seconds"]], **star)
+    if ddpm is not None:
+        ax_fid.scatter([ddpm["steps"]], [ddpm["fid"]], **star)
+        ax_kid.scatter([ddpm["steps"]], [KID_SCALE * ddpm["kid"]], **star)
+        ax_time.scatter([ddpm["steps"]], [ddpm["seconds"]], **star)
     if floor is not None:
         ax_fid.axhline(floor["fid"], color="gray", linestyle=":", label="floor (real vs real)")
         ax_kid.axhline(KID_SCALE * floor["kid"], color="gray", linestyle=":",
@@ -356,8 +403,9 @@ def write_results(results, out):
      "fid_ckpt": str, "fid_img_size": int, "use_ema": bool, "seed": int, "T": int,
      "steps": [int], "etas": [float], "timestep_spacing": str, "extra_spacings": [str],
      "extra_steps": [int], "floor": score | null, "floor_dir": str | null,
-     "ddpm": {"steps": int, **score, "seconds": float},
+     "ddpm": {"steps": int, **score, "seconds": float} | null (--skip_ddpm),
      "ddim": [{"steps": int, "eta": float, "spacing": str, **score, "seconds": float}, ...],
+     "dpm_solver": [{"order": int, "spacing": str, "steps": int, **score, "seconds": float}, ...],
      "wall_seconds": {"real_features": float, "sampling_and_scoring": float},
      "comparisons": comparisons(results)}
     """
@@ -373,7 +421,7 @@ def run_grid(args):
     args.ckpt_path, out = Path(args.ckpt_path).resolve(), Path(args.out).resolve()
     checkpoint = checkpoint_identity(args.ckpt_path)
     T = checkpoint["T"]
-    most_steps = max(args.ddim_steps + (args.extra_steps if args.extra_spacings else []))
+    most_steps = max(args.ddim_steps + (args.extra_steps if args.extra_spacings else []) + args.dpm_solver_steps)
     if most_steps > T:
         raise UsageError(f"--ddim_steps/--extra_steps {most_steps} is more than the checkpoint's T = {T}")
     gt_files = evenly_spaced(measure_fid.list_images(args.gt_dir), args.num_gt)
@@ -408,7 +456,8 @@ def run_grid(args):
         "T": T, "steps": list(args.ddim_steps), "etas": list(args.etas),
         "timestep_spacing": args.timestep_spacing, "extra_spacings": list(args.extra_spacings),
         "extra_steps": list(args.extra_steps), "floor": floor, "floor_dir": relative(args.floor_dir),
-        "ddpm": rows["ddpm"], "ddim": [rows[s.name] for s in settings[1:]],
+        "ddpm": rows.get("ddpm"), "ddim": [rows[s.name] for s in settings if s.method == "ddim"],
+        "dpm_solver": [rows[s.name] for s in settings if s.method == "dpm_solver"],
         "wall_seconds": {"real_features": real_seconds, "sampling_and_scoring": time.time() - start},
     }
     write_results(results, out)
@@ -437,6 +486,15 @@ def build_parser():
                         help="more spacings, each a table of --extra_steps x --etas (e.g. quadratic)")
     parser.add_argument("--extra_steps", type=int, nargs="+", default=[10, 20, 50],
                         help="DDIM step counts of the --extra_spacings tables")
+    parser.add_argument("--dpm_solver_steps", type=int, nargs="*", default=[],
+                        help="network calls of DPM-Solver++ rows (sampling.py --sample_method dpm_solver; none by "
+                             "default), each compared with DDIM eta 0 on the same timesteps where the grid has it")
+    parser.add_argument("--dpm_solver_orders", type=int, nargs="+", choices=SOLVER_ORDERS, default=[2],
+                        help="DPM-Solver++ orders of those rows")
+    parser.add_argument("--dpm_solver_spacings", choices=SOLVER_SPACINGS, nargs="+", default=["quadratic"],
+                        help="timestep spacings of those rows")
+    parser.add_argument("--skip_ddpm", action="store_true",
+                        help="leave out DDPM (all T steps, the grid's slowest row), e.g. to add a few rows")
     parser.add_argument("--jobs", type=int, default=1,
                         help="settings sampled and scored at once (1 on a GPU; on a CPU, one per "
                              "core with OMP_NUM_THREADS=1)")
@@ -478,8 +536,8 @@ def check_args(args):
     if args.num_samples < 3 or (args.num_gt is not None and args.num_gt < 3):
         raise UsageError("--num_samples and --num_gt must be at least 3 (FID needs a covariance, "
                          "KID's standard error 3 images)")
-    if min(args.ddim_steps + args.extra_steps) < 1:
-        raise UsageError("--ddim_steps and --extra_steps must be at least 1")
+    if min(args.ddim_steps + args.extra_steps + args.dpm_solver_steps) < 1:
+        raise UsageError("--ddim_steps, --extra_steps and --dpm_solver_steps must be at least 1")
     if args.timestep_spacing in args.extra_spacings:
         raise UsageError(f"--extra_spacings repeats the main --timestep_spacing {args.timestep_spacing}")
     try:

@@ -1,0 +1,174 @@
+"""DPM-Solver++ multistep (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of
+Diffusion Probabilistic Models", https://arxiv.org/abs/2211.01095): an extra few-step sampler
+beside DDIM, for the same trained network. The course's schedulers (scheduler.py) are unchanged.
+
+DDIM with eta = 0 and DPM-Solver++ both solve the probability-flow ODE of the diffusion. Written
+in lambda_t = log(alpha_t / sigma_t), half the log-SNR, with alpha_t = sqrt(alpha_bar_t) and
+sigma_t = sqrt(1 - alpha_bar_t), its exact solution from s to t, in the data-prediction form of
+DPM-Solver++, is
+
+    x_t = (sigma_t / sigma_s) x_s + sigma_t * integral_{lambda_s}^{lambda_t} e^lambda x0_theta(x_lambda, lambda) dlambda
+
+where x0_theta is the network's prediction of the clean sample. Holding x0_theta constant over the
+step gives DDIM (order 1); a linear (order 2) or quadratic (order 3) fit through the predictions
+of the previous steps, which cost no extra network call, gives the multistep solvers. With
+h = lambda_t - lambda_s, phi_1 = e^{-h} - 1, the step is
+
+    order 1:  x_t = (sigma_t / sigma_s0) x_s0 - alpha_t phi_1 D0
+    order 2:  ... - 0.5 alpha_t phi_1 D1                          (Algorithm 2, DPM-Solver++(2M))
+    order 3:  x_t = (sigma_t / sigma_s0) x_s0 - alpha_t phi_1 D0 + alpha_t phi_2 D1 - alpha_t phi_3 D2,
+              phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2   (the third-order multistep update of
+              the authors' code, also diffusers' DPMSolverMultistepScheduler)
+
+with D0 the newest prediction and D1, D2 divided differences of the predictions in lambda, scaled
+by h (see multistep_update). The first steps lack history and use order 1, then 2 (warm-up); the
+last step goes to sigma = 0, lambda = +inf, where only order 1 is defined and it returns D0: the
+clean sample. With lower_order_final, runs of fewer than 15 steps also take at most order 2 on the
+step before the last (diffusers' default; it steadies the few-step end).
+"""
+from typing import Optional
+
+import numpy as np
+import torch
+from scheduler import TIMESTEP_SPACINGS, BaseScheduler, Timestep, check_denoises, ddim_sub_sequence, single_timestep
+
+SOLVER_SPACINGS = TIMESTEP_SPACINGS + ("logsnr",)
+SOLVER_ORDERS = (1, 2, 3)
+
+
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """S timesteps evenly spaced in lambda (uniform log-SNR, the step schedule of the DPM-Solver
+    papers), from lambda(T - 1) to lambda(0): [S] int64, descending.
+
+    Each lambda on the grid becomes a timestep by linear interpolation of lambda_t between
+    neighbouring integers t, rounded to the nearest (half to even), as diffusers' use_lu_lambdas does.
+    Near t = 0 lambda changes by more than the grid's step from one integer to the next (T = 1000,
+    linear betas: from S = 39 on), and rounding gives a timestep twice; diffusers keeps the repeat (a
+    step with h = 0, where the multistep update divides by zero). Here a repeat moves to one above
+    its predecessor, as ddim_timesteps does for "quadratic" (and, should that pass T - 1, the top
+    ones move down), so the S timesteps are distinct.
+    """
+    alpha_bar = alphas_cumprod.double().cpu().numpy()
+    T = len(alpha_bar)
+    lambdas = 0.5 * (np.log(alpha_bar) - np.log1p(-alpha_bar))  # lambda_t, decreasing in t
+    grid = np.linspace(lambdas[-1], lambdas[0], num_steps)  # from the noisiest to the cleanest
+    # np.interp needs increasing abscissae: read t off the reversed (increasing) lambdas
+    t = np.interp(grid, lambdas[::-1], np.arange(T)[::-1]).round().astype(np.int64)[::-1].copy()
+    for i in range(1, num_steps):  # ascending now
+        t[i] = max(t[i], t[i - 1] + 1)
+    t[-1] = min(t[-1], T - 1)
+    for i in range(num_steps - 2, -1, -1):
+        t[i] = min(t[i], t[i + 1] - 1)
+    return torch.from_numpy(t[::-1].copy())
+
+
+def solver_timesteps(alphas_cumprod: torch.Tensor, num_steps: int, timestep_spacing: str = "quadratic"):
+    """The S timesteps the solver calls the network at, [S] int64 descending: one of DDIM's
+    sub-sequences (scheduler.ddim_sub_sequence) or "logsnr" (logsnr_timesteps)."""
+    T = len(alphas_cumprod)
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"the number of network calls must be between 1 and T={T}, got {num_steps}")
+    if timestep_spacing == "logsnr":
+        return logsnr_timesteps(alphas_cumprod, num_steps)
+    if timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; choose one of {', '.join(SOLVER_SPACINGS)}")
+    timesteps = ddim_sub_sequence(T, num_steps, timestep_spacing)[0]
+    check_denoises(timesteps, timestep_spacing)
+    return timesteps
+
+
+def step_order(i: int, num_steps: int, order: int, lower_order_final: bool = True) -> int:
+    """The order of step i (0-based) of num_steps."""
+    if i == num_steps - 1:
+        return 1  # to sigma = 0: h = inf, and r = h_prev / h = 0 leaves D1 undefined
+    k = min(order, i + 1)  # warm-up: step i has only i + 1 predictions
+    if lower_order_final and num_steps < 15 and i == num_steps - 2:
+        k = min(k, 2)
+    return k
+
+
+def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> torch.Tensor:
+    """One DPM-Solver++ step of order k = len(x0_preds) from s0 to t.
+
+    x_s0: [B, ...] the sample at s0; x0_preds: the k newest predictions of x_0, oldest first
+    [..., D(s1), D(s0)], each [B, ...]; alpha_bars: [k + 1] alpha_bar at s_{k-1}, ..., s1, s0 and t
+    (alpha_bar_t = 1: the clean sample) -> x_t: [B, ...].
+    """
+    if alpha_bars[-1] == 1:
+        return x0_preds[-1]  # sigma_t = 0, alpha_t = 1, e^{-h} = 0: x_t = D0
+    alpha, sigma = alpha_bars.sqrt(), (1 - alpha_bars).sqrt()
+    lambda_ = alpha.log() - sigma.log()
+    alpha_t, sigma_t, sigma_s0 = alpha[-1], sigma[-1], sigma[-2]
+    h = lambda_[-1] - lambda_[-2]
+    phi_1 = torch.expm1(-h)
+    D0 = x0_preds[-1]
+    x_t = (sigma_t / sigma_s0) * x_s0 - alpha_t * phi_1 * D0  # order 1: DDIM (eta = 0)
+    if len(x0_preds) == 1:
+        return x_t
+    # r0 = h_0 / h, the previous step relative to this one; D1_0 ~ h * dD/dlambda at s0
+    h_0 = lambda_[-2] - lambda_[-3]
+    r0 = h_0 / h
+    D1_0 = (D0 - x0_preds[-2]) / r0
+    if len(x0_preds) == 2:
+        return x_t - 0.5 * alpha_t * phi_1 * D1_0  # Algorithm 2: D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1)
+    # order 3: a quadratic through the last three predictions, D1 ~ h D', D2 ~ h^2 D'' / 2
+    h_1 = lambda_[-3] - lambda_[-4]
+    r1 = h_1 / h
+    D1_1 = (x0_preds[-2] - x0_preds[-3]) / r1
+    D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
+    D2 = (D1_0 - D1_1) / (r0 + r1)
+    phi_2 = phi_1 / h + 1
+    phi_3 = phi_2 / h - 0.5
+    return x_t + alpha_t * phi_2 * D1 - alpha_t * phi_3 * D2
+
+
+class DPMSolverScheduler(BaseScheduler):
+    """DPM-Solver++(order) on S = num_inference_timesteps network calls, for DiffusionModule.sample.
+
+    Multistep: step() keeps the predictions of x_0 of the last steps, so the steps of one sample
+    must come in the order of `timesteps` (the first one starts afresh). Any predictor works: its
+    output is turned into x_0 first (BaseScheduler.predict_x0).
+    """
+
+    def __init__(self, num_train_timesteps: int, beta_1: float, beta_T: float, mode: str = "linear",
+                 num_inference_timesteps: int = 20, order: int = 2, *, timestep_spacing: str = "quadratic",
+                 lower_order_final: bool = True):
+        super().__init__(num_train_timesteps, beta_1, beta_T, mode)
+        if order not in SOLVER_ORDERS:
+            raise ValueError(f"the solver order must be one of {SOLVER_ORDERS}, got {order}")
+        if timestep_spacing not in SOLVER_SPACINGS:
+            raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; "
+                             f"choose one of {', '.join(SOLVER_SPACINGS)}")
+        self.order, self.timestep_spacing, self.lower_order_final = order, timestep_spacing, lower_order_final
+        self.set_inference_timesteps(num_inference_timesteps)
+
+    def set_inference_timesteps(self, num_inference_timesteps: int):
+        """Use S = num_inference_timesteps network calls; sets `timesteps` ([S], descending)."""
+        self.timesteps = solver_timesteps(self.alphas_cumprod, num_inference_timesteps, self.timestep_spacing)
+        self.num_inference_timesteps = num_inference_timesteps
+        self.x0_preds, self.next_index = [], 0
+
+    def step(self, x_t: torch.Tensor, t: Timestep, net_out: torch.Tensor, predictor: str, *,
+             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One solver step from t to the next timestep (the clean image after the last).
+
+        x_t, net_out: [B, C, H, W]; t: timesteps[i] (int, 0-d tensor or [B] holding one value);
+        noise: unused (the solver is deterministic), taken so every scheduler steps alike.
+        """
+        t = single_timestep(t)
+        index = (self.timesteps == t).nonzero()
+        i = int(index[0, 0]) if len(index) else -1
+        if i != 0 and i != self.next_index:
+            raise ValueError(f"t = {t} is not the next of the solver's timesteps {self.timesteps.tolist()}")
+        if i == 0:
+            self.x0_preds = []
+        self.x0_preds.append(self.predict_x0(x_t, t, net_out, predictor))
+        k = step_order(i, len(self.timesteps), self.order, self.lower_order_final)
+        # alpha_bar at the k timesteps of the predictions used and where the step goes (1: clean)
+        used = self.timesteps[i + 1 - k: i + 2].to(self.alphas_cumprod.device)
+        alpha_bars = self.alphas_cumprod[used]
+        if i == len(self.timesteps) - 1:
+            alpha_bars = torch.cat([alpha_bars, torch.ones_like(alpha_bars[:1])])
+        x_prev = multistep_update(x_t, self.x0_preds[-k:], alpha_bars)
+        self.x0_preds, self.next_index = self.x0_preds[-(SOLVER_ORDERS[-1] - 1):], i + 1
+        return x_prev
