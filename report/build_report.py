@@ -170,18 +170,53 @@ def spacing_table():
     return table(["steps S", "eta", *spacings], rows)
 
 
-def dpm_solver_2d():
-    runs = [r for r in course_seeds() if r.get("dpm_solver")]
+def dpm_solver_runs():
+    """The Task 1-1 runs that have DPM-Solver++ rows: [(label, results dict)], course seeds first."""
+    runs = [(f"course, seed {r['seed']}", r) for r in course_seeds() if r.get("dpm_solver")]
     for name in ("results_2d_improved.json", "results_2d_improved_seed1.json"):
         r = read_json(REPORT_DIR / name)
         if r.get("dpm_solver"):
-            runs.append(r)
+            runs.append((f"improved, seed {r['seed']}", r))
+    return runs
+
+
+def z_score(a, b):
+    """(a - b) in standard errors of the difference, for two rows with cd_mean and cd_se."""
+    return (a["cd_mean"] - b["cd_mean"]) / (a["cd_se"] ** 2 + b["cd_se"] ** 2) ** 0.5
+
+
+def dpm_solver_2d():
+    """Few network calls: DDIM (quadratic timesteps) against DPM-Solver++, with the best solver row's
+    difference from each DDIM in standard errors."""
+    runs = dpm_solver_runs()
     if not runs:
         return placeholder("the DPM-Solver++ rows of Task 1-1 (a dpm_solver entry in report/results_2d_*.json)",
-                           "python run_experiment.py --recipe course --seed 0 --out OUT")
-    rows = [[r["recipe"], r["seed"], d["order"], d["timestep_spacing"], d["steps"],
-             f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])}"] for r in runs for d in r["dpm_solver"]]
-    return table(["recipe", "seed", "order", "spacing", "steps", "CD mean ± SE"], rows)
+                           "python run_experiment.py --recipe improved --seed 0 --out OUT")
+    rows = []
+    for label, r in runs:
+        ddim = {(d["steps"], d["eta"]): d for d in r["spacings"] if d["timestep_spacing"] == "quadratic"}
+        solver = {(d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
+        for calls in sorted({d["steps"] for d in r["dpm_solver"]}):
+            eta0, eta1 = ddim[(calls, 0.0)], ddim[(calls, 1.0)]
+            best = min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
+            cell = lambda d: f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])}" if d else "-"
+            rows.append([label, calls, cell(eta0), cell(eta1), cell(solver.get((2, "quadratic", calls))),
+                         cell(solver.get((3, "quadratic", calls))),
+                         f"{cell(best)} ({best['order']}, {best['timestep_spacing']})",
+                         f"{z_score(best, eta0):+.1f}", f"{z_score(best, eta1):+.1f}"])
+    return table(["run", "calls", "DDIM eta 0", "DDIM eta 1", "2M", "3M", "best solver (order, spacing)",
+                  "z vs eta 0", "z vs eta 1"], rows)
+
+
+def dpm_solver_2d_goal():
+    """The best solver CD at 10 and 20 calls of the improved recipe, seed 0 (the few-step goal)."""
+    runs = dict(dpm_solver_runs())
+    r = runs.get("improved, seed 0")
+    if r is None:
+        return "(not run yet)"
+    best = {calls: min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
+            for calls in (10, 20)}
+    return " and ".join(f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])} at {calls} calls" for calls, d in best.items())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,7 +276,8 @@ class ImageResults:
                 for d in self.results.get("dpm_solver", [])]
         if not rows:
             return placeholder("the DPM-Solver++ rows of Task 1-2",
-                               "sh experiments/fid_grid.sh CKPT GT_DIR (in task1/image_diffusion_todo)")
+                               "sh experiments/fid_grid.sh CKPT GT_DIR --dpm_solver_steps 10 20 50 "
+                               "(in task1/image_diffusion_todo)")
         return table(["order", "spacing", "steps", "FID", "KID ×10³ ± SE", "seconds"], rows)
 
 
@@ -352,6 +388,7 @@ def fill_values(args):
         "improved_grid_table": improved_grid_table,
         "spacing_table": spacing_table,
         "dpm_solver_2d": dpm_solver_2d,
+        "dpm_solver_2d_goal": dpm_solver_2d_goal,
         "fid_label": image.label,
         "fid_table": image.table,
         "fid_ddpm_and_floor": image.ddpm_and_floor,

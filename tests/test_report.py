@@ -212,8 +212,13 @@ def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
     build.REPORT_DIR = tmp_path
     assert "Not run yet" in build.dpm_solver_2d()
     run = json.loads((tmp_path / "results_2d_course.json").read_text())
-    run["dpm_solver"] = [{"order": 2, "timestep_spacing": "trailing", "steps": 7, "cd_mean": 123.456,
+    run["dpm_solver"] = [{"order": 2, "timestep_spacing": "trailing", "steps": 10, "cd_mean": 123.456,
                           "cd_se": 7.891, "cds": [120.0, 126.9]}]
     (tmp_path / "results_2d_course.json").write_text(json.dumps(run))
     rows = build.dpm_solver_2d()
-    assert "| course | 0 | 2 | trailing | 7 | 123.46 ± 7.89 |" in rows
+    ddim = {row["eta"]: row for row in run["spacings"]
+            if row["timestep_spacing"] == "quadratic" and row["steps"] == 10 and row["eta"] in (0.0, 1.0)}
+    z = {eta: (123.456 - row["cd_mean"]) / (7.891 ** 2 + row["cd_se"] ** 2) ** 0.5 for eta, row in ddim.items()}
+    line = next(line for line in rows.splitlines() if line.startswith("| course, seed 0 | 10 |"))
+    assert "| 123.46 ± 7.89 (2, trailing) |" in line
+    assert line.endswith(f"| {z[0.0]:+.1f} | {z[1.0]:+.1f} |")

@@ -32,14 +32,20 @@ def loss_by_hand(model_pred, noise, timesteps):
     return instance + PRIOR_LOSS_WEIGHT * prior
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """This test runs the script in-process with bf16; later tests must not inherit that state."""
-    yield
+def reset_accelerate_state():
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """This test runs the script in-process with bf16: it must not inherit the accelerate state an
+    earlier in-process run left in this worker, and later tests must not inherit its own."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
 
 
 def test_the_logged_loss_is_the_min_snr_prior_preservation_loss_by_hand(tiny_model, tmp_path, monkeypatch,
