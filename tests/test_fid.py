@@ -389,8 +389,8 @@ def test_argument_errors_are_one_line(measure_fid, folders, capsys):
 
 
 def test_16_bit_pngs_are_scaled_not_clipped(measure_fid, folders, tmp_path):
-    """A 16-bit grayscale copy (v * 257) of 8-bit grayscale images has the same features, FID ~ 0;
-    convert("RGB") alone clips every value above 255 to white."""
+    """A 16-bit grayscale copy (v * 257) of 8-bit grayscale images has the same pixels and the same
+    features (so FID 0); convert("RGB") alone clips every value above 255 to white."""
     rng = np.random.default_rng(3)
     for bits in (8, 16):
         (tmp_path / str(bits)).mkdir()
@@ -407,8 +407,6 @@ def test_16_bit_pngs_are_scaled_not_clipped(measure_fid, folders, tmp_path):
     eight = scorer.features(measure_fid.list_images(tmp_path / "8"))
     sixteen = measure_fid.list_images(tmp_path / "16")
     np.testing.assert_allclose(scorer.features(sixteen), eight, rtol=0, atol=1e-6)
-    scores = scorer.score(sixteen, eight)
-    assert abs(scores["fid"]) < 1e-6 * scorer.score(measure_fid.list_images(folders / "a")[:6], eight)["fid"]
 
 
 # ------------------------------------------------------- experiments/train_classifier.py
