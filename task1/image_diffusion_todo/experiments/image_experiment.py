@@ -11,9 +11,9 @@ repository builds; everything else is the course's pipeline, run through its own
                 tell the three classes apart, as the course made afhq_inception_v3.ckpt; its
                 validation accuracy is reported.
  3. unet        ``train.py --data_root``: a reduced UNet (flags only), T = 1000.
- 4. grid        ``experiments/fid_grid.py``: ``sampling.py`` for DDPM, DDIM steps x eta and the
-                quadratic-spacing rows; FID and KID +- SE of each against the validation split;
-                the floor (train split against the same validation images); tables and figure.
+ 4. grid        ``experiments/fid_grid.py``: ``sampling.py`` for DDPM, DDIM steps x eta, the
+                quadratic-spacing rows and DPM-Solver++(2M); FID and KID +- SE of each against
+                the validation split; the floor (train split against the same validation images); tables and figure.
 
 Stages 2 and 3 are independent and run at the same time, one process each (--jobs 2); the
 grid samples and scores --jobs settings at once. Everything goes to OUT: data/, fid/, unet/,
@@ -21,7 +21,8 @@ samples/, grids/, results.json, results.md, fid_vs_steps.png, stages.json. Every
 many real images as generated ones, the floor included, because FID is biased at small N.
 
 ``FULL`` below is sized for one hour on 2 CPU cores: every image of the grid costs
-1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) = 6040 network evaluations.
+1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) + (10 + 20 + 50) = 6120 network
+evaluations (DDPM, the DDIM grid, its quadratic rows, DPM-Solver++(2M) on the quadratic timesteps).
 --quick shrinks everything so the pipeline runs end to end in a minute or two (for tests).
 A stage recorded as done in OUT/stages.json with the same settings is reused, so a run that
 was interrupted continues; delete OUT to start afresh.
@@ -60,6 +61,7 @@ FULL = dict(
               num_diffusion_train_timesteps=1000, ema_decay=0.999),
     grid=dict(num_samples=150, batch_size=150, ddim_steps=list(fid_grid.COURSE_DDIM_STEPS),
               etas=list(fid_grid.COURSE_ETAS), extra_spacings=["quadratic"], extra_steps=[10, 20, 50],
+              dpm_solver_steps=[10, 20, 50], dpm_solver_orders=[2], dpm_solver_spacings=["quadratic"],
               use_ema=True, fid_img_size=75),
 )
 # --quick: every stage runs, on tiny sizes (T = 20 so that DDPM and DDIM with S = T are cheap).
