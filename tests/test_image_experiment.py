@@ -234,7 +234,8 @@ def test_grid_passes_the_processes_through(quick, tmp_path):
 
 
 def test_fid_grid_script(quick, tmp_path):
-    """experiments/fid_grid.sh CKPT GT_DIR, as on a GPU, with tiny settings passed through."""
+    """experiments/fid_grid.sh CKPT GT_DIR, as on a GPU, with tiny settings passed through (--skip_ddpm:
+    each FID's 2048-d matrix square root costs seconds, and the quick run already scores DDPM)."""
     out, results, _ = quick
     script = TASK1_IMAGE / "experiments" / "fid_grid.sh"
     env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "grid")}
@@ -251,7 +252,7 @@ def test_fid_grid_script(quick, tmp_path):
         shutil.copy(path, gt_dir / f"{path.parent.name}_{path.name}")
     # relative paths are taken from where the script is called, not from its folder
     result = run(["bash", script, os.path.relpath(out / "unet" / "last.ckpt", tmp_path), "real",
-                  "--num_samples", 4, "--batch_size", 4, "--ddim_steps", 5, "--etas", 0.5,
+                  "--num_samples", 4, "--batch_size", 4, "--ddim_steps", 5, "--etas", 0.5, "--skip_ddpm",
                   "--fid_ckpt", out / "fid" / "standin_inception_v3.ckpt", "--fid_img_size", 75,
                   "--fid_device", "cpu"], tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
