@@ -697,7 +697,8 @@ def test_run_experiment_refuses_a_used_out_and_steps_that_never_denoise(experime
     out.mkdir()
     (out / "model.ckpt").write_bytes(b"an earlier run's model")
     for argv, message in [(["--out", str(out)], "holds an earlier run (model.ckpt): pass --overwrite"),
-                          (["--out", str(tmp_path / "new"), "--ddim_steps", "1"], "--ddim_steps 1: 1 step under leading")]:
+                          (["--out", str(tmp_path / "new"), "--ddim_steps", "1"], "--ddim_steps 1: 1 step under leading"),
+                          (["--out", str(tmp_path / "new"), "--solver_calls", "1"], "--solver_calls 1: 1 step under leading")]:
         with pytest.raises(SystemExit) as exit_info:
             experiment.main(argv)
         assert exit_info.value.code == 2

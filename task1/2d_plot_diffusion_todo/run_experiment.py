@@ -121,14 +121,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             check_eta(eta)
         except ValueError as error:
             parser.error(f"--etas: {error}")
-    for steps in args.ddim_steps:
+    # every sub-sequence sampled must denoise; the solver's table covers every spacing
+    sub_sequences = [("--ddim_steps", steps, args.timestep_spacing) for steps in args.ddim_steps]
+    sub_sequences += [("--solver_calls", calls, spacing) for calls in (args.solver_calls if args.solver_orders else [])
+                      for spacing in TIMESTEP_SPACINGS]
+    for flag, steps, spacing in sub_sequences:
         try:
-            check_denoises(ddim_timesteps(NUM_TRAIN_TIMESTEPS, steps, args.timestep_spacing)[0], args.timestep_spacing)
+            check_denoises(ddim_timesteps(NUM_TRAIN_TIMESTEPS, steps, spacing)[0], spacing)
         except ValueError as error:
-            parser.error(f"--ddim_steps {steps}: {error}")
-    if args.solver_orders and 1 in args.solver_calls:
-        parser.error("--solver_calls 1: the solver's table covers every spacing, and 1 step under leading, "
-                     "linspace or quadratic visits only t = 0: use 2 or more calls")
+            parser.error(f"{flag} {steps}: {error}")
     if args.iterations is not None and args.iterations < 1:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
