@@ -192,6 +192,9 @@ def dpm_solver_2d():
     if not runs:
         return placeholder("the DPM-Solver++ rows of Task 1-1 (a dpm_solver entry in report/results_2d_*.json)",
                            "python run_experiment.py --recipe improved --seed 0 --out OUT")
+    def cell(row):
+        return f"{fmt(row['cd_mean'])} ± {fmt(row['cd_se'])}" if row else "-"
+
     rows = []
     for label, r in runs:
         ddim = {(d["steps"], d["eta"]): d for d in r["spacings"] if d["timestep_spacing"] == "quadratic"}
@@ -199,7 +202,6 @@ def dpm_solver_2d():
         for calls in sorted({d["steps"] for d in r["dpm_solver"]}):
             eta0, eta1 = ddim[(calls, 0.0)], ddim[(calls, 1.0)]
             best = min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
-            cell = lambda d: f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])}" if d else "-"
             rows.append([label, calls, cell(eta0), cell(eta1), cell(solver.get((2, "quadratic", calls))),
                          cell(solver.get((3, "quadratic", calls))),
                          f"{cell(best)} ({best['order']}, {best['timestep_spacing']})",
