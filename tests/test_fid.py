@@ -2,8 +2,9 @@
 
 References: the course checkpoint's key/shape list (tests/fixtures, a copy of the spec), torchvision's
 Inception-v3 (same layers, other names), the closed form of the Frechet distance where sqrtm is
-exact, and an eigendecomposition-based formula for the general case; for KID a pair-by-pair
-computation, leave-one-out recomputation, and Monte Carlo draws of known distributions.
+exact, scipy's sqrtm (in the features' span when there are fewer images than dimensions); for KID
+a pair-by-pair computation, leave-one-out recomputation, and Monte Carlo draws of known
+distributions.
 """
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import linalg
 
 from conftest import TASK1_FID, TASK1_IMAGE, load_module
 
@@ -136,12 +138,11 @@ def test_frechet_distance_closed_form_commuting(measure_fid):
     assert measure_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
 
 
-def trace_sqrt_product(sigma1, sigma2):
-    """Tr((S1 S2)^{1/2}) = sum sqrt(eig(S1^{1/2} S2 S1^{1/2})): S1 S2 is similar to that
-    symmetric PSD matrix, so only symmetric eigendecompositions are needed."""
-    w, v = np.linalg.eigh(sigma1)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    return np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum()
+def scipy_frechet_distance(mu1, sigma1, mu2, sigma2):
+    """The reference: scipy's general matrix square root (Schur method), as TTUR and the course."""
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * np.trace(covmean).real)
 
 
 def test_frechet_distance_general_covariances(measure_fid):
@@ -149,9 +150,40 @@ def test_frechet_distance_general_covariances(measure_fid):
     d = 64
     sigma1, sigma2 = random_spd(rng, d), random_spd(rng, d)
     mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
-    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-                - 2 * trace_sqrt_product(sigma1, sigma2))
-    assert measure_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+    expected = scipy_frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert measure_fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-9)
+
+
+def frechet_distance_in_the_span(features_1, features_2):
+    """FID of feature sets with fewer images than dimensions, by scipy's sqrtm in the span of the
+    centred features (an orthonormal basis Q [D, k]): FID is invariant under rotations, and both
+    covariances vanish outside that span, so the k x k problem has the same value."""
+    centred_1 = features_1 - features_1.mean(0)
+    centred_2 = features_2 - features_2.mean(0)
+    basis, _ = np.linalg.qr(np.concatenate([centred_1, centred_2]).T)
+    sigma1 = basis.T @ np.cov(features_1, rowvar=False) @ basis
+    sigma2 = basis.T @ np.cov(features_2, rowvar=False) @ basis
+    mean_gap = np.sum((features_1.mean(0) - features_2.mean(0)) ** 2)
+    return mean_gap + scipy_frechet_distance(np.zeros(1), sigma1, np.zeros(1), sigma2)
+
+
+@pytest.mark.parametrize("m, n", [(12, 9), (40, 30), (300, 200)])
+def test_frechet_distance_of_features_with_fewer_images_than_dimensions(measure_fid, m, n):
+    """Singular covariances (as 1000 images of 2048 features): the feature route (no D x D matrix
+    while m n < D^2), the statistics route and scipy's sqrtm in the features' span agree."""
+    rng = np.random.default_rng(m)
+    d = 256
+    scales = rng.uniform(0.5, 2, d)
+    features_1 = rng.standard_normal((m, d)) * scales
+    features_2 = rng.standard_normal((n, d)) * scales[::-1] + 0.2
+    expected = frechet_distance_in_the_span(features_1, features_2)
+    # rounding: ~1e-9 for the feature route, ~1e-8 when the near-zero eigenvalues of a singular
+    # covariance pass through a square root
+    assert measure_fid.frechet_distance_of_features(features_1, features_2) == pytest.approx(expected, rel=1e-7)
+    statistics = measure_fid.feature_statistics(features_1), measure_fid.feature_statistics(features_2)
+    assert measure_fid.frechet_distance(*statistics[0], *statistics[1]) == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(measure_fid.FIDInputError):
+        measure_fid.frechet_distance_of_features(features_1[:1], features_2)
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero(measure_fid):
@@ -239,8 +271,7 @@ def folders(tmp_path_factory, inception):
     return root
 
 
-# One BLAS/OpenMP thread per child process: on a busy 2-core machine, 2 threads per process
-# made scipy's sqrtm (2048 x 2048) several times slower in our measurements.
+# One BLAS/OpenMP thread per child process: two processes' threads would wait on each other.
 SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                  "MKL_NUM_THREADS": "1"}
 
@@ -289,15 +320,7 @@ def test_cli_matches_an_independent_computation(cli_a_b, fid_a_b, folders, incep
     model.eval()
     f_a = reference_features(model, folders / "a", 75)
     f_b = reference_features(model, folders / "b", 75)
-    # With n images the covariances are A^T A / (n - 1) for the centred features A [n, 2048],
-    # and the non-zero eigenvalues of S_a S_b are those of the small symmetric matrix
-    # A B^T B A^T / ((n_a - 1)(n_b - 1)), so Tr((S_a S_b)^{1/2}) needs no 2048 x 2048 algebra.
-    a, b = f_a - f_a.mean(0), f_b - f_b.mean(0)
-    cross = a @ b.T
-    small = cross @ cross.T / ((len(a) - 1) * (len(b) - 1))
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
-    expected = (np.sum((f_a.mean(0) - f_b.mean(0)) ** 2) + np.sum(a * a) / (len(a) - 1)
-                + np.sum(b * b) / (len(b) - 1) - 2 * trace_sqrt)
+    expected = frechet_distance_in_the_span(f_a, f_b)
     assert fid > 0
     assert fid == pytest.approx(expected, rel=1e-3)
     kid, se = map(float, re.search(r"^KID: (\S+) \+- (\S+)$", cli_a_b, re.MULTILINE).groups())

@@ -22,8 +22,7 @@ from PIL import Image
 
 from conftest import TASK1_FID, TASK1_IMAGE, load_module
 
-# One BLAS/OpenMP thread per child process: on a busy 2-core machine, 2 threads per process
-# made scipy's sqrtm (2048 x 2048) and PyTorch several times slower in our measurements.
+# One BLAS/OpenMP thread per child process: two processes' threads would wait on each other.
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -235,7 +234,7 @@ def test_grid_passes_the_processes_through(quick, tmp_path):
 
 def test_fid_grid_script(quick, tmp_path):
     """experiments/fid_grid.sh CKPT GT_DIR, as on a GPU, with tiny settings passed through (--skip_ddpm:
-    each FID's 2048-d matrix square root costs seconds, and the quick run already scores DDPM)."""
+    the quick run already scores DDPM)."""
     out, results, _ = quick
     script = TASK1_IMAGE / "experiments" / "fid_grid.sh"
     env = {**os.environ, "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "grid")}

@@ -13,13 +13,11 @@ Run it as the course does (``python fid/measure_fid.py``, or from inside fid/), 
 """
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from scipy import linalg
 from torchvision import transforms
 from tqdm import tqdm
 
@@ -130,42 +128,66 @@ def extract_features(files, model, img_size=256, batch_size=50, device="cpu", de
     return np.concatenate(features, axis=0)
 
 
-def feature_statistics(features):
-    """features [N, D] -> (mu [D], sigma [D, D]), the unbiased sample mean and covariance."""
+def check_feature_count(features):
     if features.shape[0] < 2:
         raise FIDInputError("FID needs at least 2 images per folder")
+
+
+def feature_statistics(features):
+    """features [N, D] -> (mu [D], sigma [D, D]), the unbiased sample mean and covariance."""
+    check_feature_count(features)
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+def trace_sqrt_product(sigma1, sigma2):
+    """Tr((sigma1 sigma2)^{1/2}) for symmetric PSD sigma1, sigma2 [D, D].
+
+    sigma1 sigma2 is similar to the symmetric PSD matrix sigma1^{1/2} sigma2 sigma1^{1/2}, so the
+    trace is the sum of the square roots of that matrix's eigenvalues: two symmetric
+    eigendecompositions, exact also when the covariances are singular (fewer images than
+    dimensions), where a general matrix square root (scipy's sqrtm) needs guards.
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
+    root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma2 @ root), 0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Dowson & Landau 1982):
 
         ||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr((sigma1 sigma2)^{1/2}).
 
-    mu: [D], sigma: [D, D]. With fewer images than dimensions sqrtm can return non-finite values
-    (retried with eps on the diagonals) or rounding-noise imaginary parts (dropped when below
-    1e-3 of the largest diagonal entry), as TTUR's fid.py and pytorch-fid do.
+    mu: [D], sigma: [D, D], in float64.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("the two sets of statistics have different dimensions")
-
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # "Matrix is singular": expected with fewer images than dimensions, handled below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            offset = np.eye(sigma1.shape[0]) * eps
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        diagonal = np.diagonal(covmean)
-        largest_imaginary = np.max(np.abs(diagonal.imag))
-        if largest_imaginary > 1e-3 * max(1.0, np.max(np.abs(diagonal.real))):
-            raise ValueError(f"sqrtm has an imaginary component of {largest_imaginary:.3g}")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+                 - 2 * trace_sqrt_product(sigma1, sigma2))
+
+
+def frechet_distance_of_features(features_1, features_2):
+    """frechet_distance of two feature sets' statistics: [M, D], [N, D] -> float.
+
+    With centred features X1, X2 and sigma_i = X_i^T X_i / (n_i - 1), the non-zero eigenvalues
+    of sigma1 sigma2 are the squared singular values of X1 X2^T [M, N] over (M - 1)(N - 1), so
+    Tr((sigma1 sigma2)^{1/2}) = ||X1 X2^T||_* / sqrt((M - 1)(N - 1)) and Tr(sigma_i) =
+    ||X_i||_F^2 / (n_i - 1): no D x D matrix when M N < D^2 (e.g. 1000 images, 2048 features).
+    """
+    x1, x2 = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
+    check_feature_count(x1)
+    check_feature_count(x2)
+    m, n = len(x1), len(x2)
+    if m * n >= x1.shape[1] ** 2:
+        return frechet_distance(*feature_statistics(x1), *feature_statistics(x2))
+    mu1, mu2 = x1.mean(axis=0), x2.mean(axis=0)
+    centred_1, centred_2 = x1 - mu1, x2 - mu2
+    nuclear_norm = np.linalg.svd(centred_1 @ centred_2.T, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.sum(centred_1 ** 2) / (m - 1) + np.sum(centred_2 ** 2) / (n - 1)
+                 - 2 * nuclear_norm / np.sqrt((m - 1) * (n - 1)))
 
 
 def polynomial_kernel(x, y):
@@ -224,7 +246,7 @@ class Scorer:
     def score(self, files, reference: np.ndarray, desc="features", kid=True) -> dict:
         """{"fid", "kid", "kid_se"} of files against reference features [N, 2048] (KID when kid)."""
         features = self.features(files, desc)
-        scores = {"fid": frechet_distance(*feature_statistics(features), *feature_statistics(reference))}
+        scores = {"fid": frechet_distance_of_features(features, reference)}
         if kid:
             scores["kid"], scores["kid_se"] = kernel_inception_distance(features, reference)
         return scores
