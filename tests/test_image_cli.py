@@ -3,8 +3,6 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
