@@ -11,7 +11,8 @@ from conftest import TASK1_2D, TASK1_IMAGE, load_module
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_dpmsolver_multistep
 from PIL import Image
-from test_image_cli import assert_one_line_error, run_cli
+from conftest import assert_one_line_error
+from conftest import run_image_main as run_main
 
 T = 1000
 SPACINGS = ("leading", "linspace", "trailing", "quadratic", "logsnr")
@@ -275,9 +276,9 @@ def read_pixels(folder):
 def test_sampling_cli_order_one_writes_ddim_eta_zero_images(tiny_ckpt, tmp_path):
     common = ["--ckpt_path", tiny_ckpt, "--num_samples", 3, "--batch_size", 3, "--ddim_steps", 5,
               "--timestep_spacing", "quadratic", "--seed", 7]
-    solver = run_cli("sampling.py", *common, "--save_dir", tmp_path / "solver", "--sample_method", "dpm_solver",
+    solver = run_main("sampling.py", *common, "--save_dir", tmp_path / "solver", "--sample_method", "dpm_solver",
                      "--solver_order", 1)
-    ddim = run_cli("sampling.py", *common, "--save_dir", tmp_path / "ddim", "--sample_method", "ddim", "--eta", 0)
+    ddim = run_main("sampling.py", *common, "--save_dir", tmp_path / "ddim", "--sample_method", "ddim", "--eta", 0)
     assert solver.returncode == 0 and ddim.returncode == 0, solver.stderr[-2000:] + ddim.stderr[-2000:]
     summary = json.loads((tmp_path / "solver" / "sampling.json").read_text())
     assert summary["sample_method"] == "dpm_solver" and summary["solver_order"] == 1 and summary["ddim_steps"] == 5
@@ -287,7 +288,7 @@ def test_sampling_cli_order_one_writes_ddim_eta_zero_images(tiny_ckpt, tmp_path)
 
 
 def test_sampling_cli_refuses_logsnr_for_ddim(tiny_ckpt, tmp_path):
-    result = run_cli("sampling.py", "--ckpt_path", tiny_ckpt, "--save_dir", tmp_path / "out",
+    result = run_main("sampling.py", "--ckpt_path", tiny_ckpt, "--save_dir", tmp_path / "out",
                      "--sample_method", "ddim", "--timestep_spacing", "logsnr")
     assert_one_line_error(result, "--timestep_spacing logsnr", "dpm_solver")
     assert not (tmp_path / "out").exists()
