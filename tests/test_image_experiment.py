@@ -64,7 +64,7 @@ def test_quick_run_tabulates_every_setting(quick):
     assert all(row["seconds"] > 0 for row in results["ddim"] + [results["ddpm"]])
     assert results["num_samples"] == results["num_gt"] == grid["num_samples"]
     assert 0 <= results["classifier_val_accuracy"] <= 1
-    assert set(results["stage_seconds"]) == {"data", "classifier", "unet", "grid"}
+    assert set(results["stage_seconds"]) == {"data", "classifier", "unet", "grid", "few_step"}
 
     for name in setting_names(results):
         samples = sorted((out / "samples" / name).glob("*.png"))
@@ -77,6 +77,23 @@ def test_quick_run_tabulates_every_setting(quick):
     summary = json.loads((out / "samples" / "ddpm" / "sampling.json").read_text())
     assert results["ddpm"]["seconds"] == summary["seconds"]
     assert summary["sample_method"] == "ddpm" and summary["num_samples"] == grid["num_samples"]
+
+
+def test_quick_run_has_the_few_step_rows_at_their_own_n(quick):
+    """Stage few_step: DDIM (eta 0) and DPM-Solver++(2M) on the quadratic timesteps, no DDPM, at its
+    own N, into OUT/few_step/, with the solver compared with DDIM on the same timesteps."""
+    out, results, _ = quick
+    config = results["config"]["few_step"]
+    few_step = results["few_step"]
+    assert few_step["ddpm"] is None and few_step["num_samples"] == few_step["num_gt"] == config["num_samples"]
+    assert few_step["num_samples"] != results["num_samples"]
+    assert [(r["steps"], r["eta"], r["spacing"]) for r in few_step["ddim"]] == [(4, 0.0, "quadratic")]
+    assert [(r["order"], r["steps"], r["spacing"]) for r in few_step["dpm_solver"]] == [(2, 4, "quadratic")]
+    assert json.loads((out / "few_step" / "results.json").read_text())["dpm_solver"] == few_step["dpm_solver"]
+    assert len(list((out / "few_step" / "samples" / "dpm_solver2_quadratic_steps4").glob("*.png"))) == 6
+    pairs = [(c["a"], c["b"]) for c in few_step["comparisons"]]
+    assert ("DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 0") in pairs
+    assert "# Few-step samplers at N = 6" in (out / "results.md").read_text()
 
 
 def test_results_hold_no_absolute_paths(quick):
@@ -141,7 +158,7 @@ def test_a_second_run_reuses_the_finished_stages(quick):
     result = run([sys.executable, "-m", "experiments.image_experiment", "--quick", "--out", out],
                  TASK1_IMAGE)
     assert result.returncode == 0, result.stderr
-    for stage in ("data", "classifier", "unet", "grid"):
+    for stage in ("data", "classifier", "unet", "grid", "few_step"):
         assert f"== {stage}: done in an earlier run" in result.stdout
     again = json.loads((out / "results.json").read_text())
     assert again["ddim"] == results["ddim"] and again["ddpm"] == results["ddpm"]

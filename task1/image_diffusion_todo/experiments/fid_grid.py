@@ -460,6 +460,7 @@ def run_grid(args):
         "dpm_solver": [rows[s.name] for s in settings if s.method == "dpm_solver"],
         "wall_seconds": {"real_features": real_seconds, "sampling_and_scoring": time.time() - start},
     }
+    results["comparisons"] = comparisons(results)
     write_results(results, out)
     return results
 

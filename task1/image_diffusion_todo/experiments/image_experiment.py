@@ -13,16 +13,20 @@ repository builds; everything else is the course's pipeline, run through its own
  3. unet        ``train.py --data_root``: a reduced UNet (flags only), T = 1000.
  4. grid        ``experiments/fid_grid.py``: ``sampling.py`` for DDPM, DDIM steps x eta, the
                 quadratic-spacing rows and DPM-Solver++(2M); FID and KID +- SE of each against
-                the validation split; the floor (train split against the same validation images); tables and figure.
+                the validation split; the floor (train split against the same validation images);
+                tables and figure.
+ 5. few_step    fid_grid again, into OUT/few_step/, for the cheap few-step rows only (DDIM and
+                DPM-Solver++(2M) at 10 and 20 calls on the quadratic timesteps) at N = 2000.
 
 Stages 2 and 3 are independent and run at the same time, one process each (--jobs 2); the
 grid samples and scores --jobs settings at once. Everything goes to OUT: data/, fid/, unet/,
-samples/, grids/, results.json, results.md, fid_vs_steps.png, stages.json. Every FID uses as
+samples/, grids/, results.json, results.md, fid_vs_steps.png, few_step/, stages.json. Every FID uses as
 many real images as generated ones, the floor included, because FID is biased at small N.
 
 ``FULL`` below is sized for one hour on 2 CPU cores: every image of the grid costs
 1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) + (10 + 20 + 50) = 6120 network
-evaluations (DDPM, the DDIM grid, its quadratic rows, DPM-Solver++(2M) on the quadratic timesteps).
+evaluations (DDPM, the DDIM grid, its quadratic rows, DPM-Solver++(2M) on the quadratic timesteps),
+one of the few-step stage 2 x (10 + 20) + (10 + 20) = 90.
 --quick shrinks everything so the pipeline runs end to end in a minute or two (for tests).
 A stage recorded as done in OUT/stages.json with the same settings is reused, so a run that
 was interrupted continues; delete OUT to start afresh.
@@ -63,6 +67,11 @@ FULL = dict(
               etas=list(fid_grid.COURSE_ETAS), extra_spacings=["quadratic"], extra_steps=[10, 20, 50],
               dpm_solver_steps=[10, 20, 50], dpm_solver_orders=[2], dpm_solver_spacings=["quadratic"],
               use_ema=True, fid_img_size=75),
+    # The few-step samplers again at N = 2000, where their samples are cheap and KID's standard
+    # error small enough to tell DPM-Solver++ from DDIM on the same timesteps.
+    few_step=dict(num_samples=2000, batch_size=250, ddim_steps=[10, 20], etas=[0.0, 1.0],
+                  timestep_spacing="quadratic", dpm_solver_steps=[10, 20], dpm_solver_orders=[2],
+                  dpm_solver_spacings=["quadratic"], skip_ddpm=True, use_ema=True, fid_img_size=75),
 )
 # --quick: every stage runs, on tiny sizes (T = 20 so that DDPM and DDIM with S = T are cheap).
 QUICK = dict(
@@ -73,6 +82,9 @@ QUICK = dict(
               num_diffusion_train_timesteps=20, ema_decay=0.9),
     grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.5], extra_spacings=["quadratic"],
               extra_steps=[4], use_ema=True, fid_img_size=75),
+    few_step=dict(num_samples=6, batch_size=6, ddim_steps=[4], etas=[0.0], timestep_spacing="quadratic",
+                  dpm_solver_steps=[4], dpm_solver_orders=[2], dpm_solver_spacings=["quadratic"],
+                  skip_ddpm=True, use_ema=True, fid_img_size=75),
 )
 
 
@@ -132,6 +144,7 @@ def run_experiment(out, config, seed, jobs=2):
     classifier_settings = {"data": data_settings, **config["classifier"]}
     unet_settings = {"data": data_settings, **config["unet"]}
     grid_settings = {"classifier": classifier_settings, "unet": unet_settings, **config["grid"]}
+    few_step_settings = {"classifier": classifier_settings, "unet": unet_settings, **config["few_step"]}
 
     stages.run("data", data_settings, lambda: standin_dataset.build(
         data_root, config["num_train_per_class"], config["num_val_per_class"],
@@ -162,18 +175,24 @@ def run_experiment(out, config, seed, jobs=2):
         unet = pool.submit(stages.run, "unet", unet_settings, train_unet)
         classifier, _ = classifier.result(), unet.result()
 
-    grid_args = fid_grid.make_args(
-        ckpt_path=str(unet_dir / "last.ckpt"), gt_dir=str(data_root / "val"), out=str(out),
-        floor_dir=str(data_root / "train"), num_gt=config["grid"]["num_samples"], fid_ckpt=str(fid_ckpt),
-        fid_device="cpu", gpu=0, jobs=jobs, seed=seed, **config["grid"])
-    # The grid's own cache (keyed on the checkpoint's content) decides which samples are reused.
-    grid = stages.run("grid", grid_settings, lambda: {"results": fid_grid.run_grid(grid_args)})
+    def run_grid(grid_out, grid_config):
+        """fid_grid on the UNet against the validation split, N real images for N samples; its own
+        cache (keyed on the checkpoint's content) decides which samples are reused."""
+        args = fid_grid.make_args(
+            ckpt_path=str(unet_dir / "last.ckpt"), gt_dir=str(data_root / "val"), out=str(grid_out),
+            floor_dir=str(data_root / "train"), num_gt=grid_config["num_samples"], fid_ckpt=str(fid_ckpt),
+            fid_device="cpu", gpu=0, jobs=jobs, seed=seed, **grid_config)
+        return {"results": fid_grid.run_grid(args)}
+
+    grid = stages.run("grid", grid_settings, lambda: run_grid(out, config["grid"]))
+    few_step = stages.run("few_step", few_step_settings, lambda: run_grid(out / "few_step", config["few_step"]))
 
     results = dict(grid["results"])
+    results["few_step"] = few_step["results"]
     results["classifier_val_accuracy"] = classifier["val_accuracy"]
     results["config"] = config
     results["stage_seconds"] = {name: stages.done[name]["seconds"]
-                                for name in ("data", "classifier", "unet", "grid")}
+                                for name in ("data", "classifier", "unet", "grid", "few_step")}
     results["this_run_seconds"] = time.time() - total_start
     fid_grid.write_results(results, out)
     report = experiment_markdown(results)
@@ -185,8 +204,12 @@ def experiment_markdown(results):
     """results.md of the experiment: the grid's tables plus classifier accuracy and stage times."""
     stage_rows = "\n".join(f"| {name} | {seconds / 60:.1f} |"
                            for name, seconds in results["stage_seconds"].items())
+    few_step = results["few_step"]
     return "\n".join([
         fid_grid.results_markdown(results),
+        f"# Few-step samplers at N = {few_step['num_samples']} (few_step/)",
+        "",
+        fid_grid.results_markdown(few_step),
         "## FID network",
         "",
         f"Inception-v3 trained as a classifier of the stand-in's classes: validation accuracy "
