@@ -280,7 +280,32 @@ class ImageResults:
             return placeholder("the DPM-Solver++ rows of Task 1-2",
                                "sh experiments/fid_grid.sh CKPT GT_DIR --dpm_solver_steps 10 20 50 "
                                "(in task1/image_diffusion_todo)")
-        return table(["order", "spacing", "steps", "FID", "KID ×10³ ± SE", "seconds"], rows)
+        grid_rows = table(["order", "spacing", "steps", "FID", "KID ×10³ ± SE", "seconds"], rows)
+        few_step = self.results.get("few_step")
+        return grid_rows + ("\n\n" + few_step_table(few_step) if few_step else "")
+
+
+def few_step_table(results):
+    """The few-step stage (make image-demo's OUT/few_step/): FID (KID ×10³ ± SE) of DDIM at each eta
+    and of DPM-Solver++ at each order, a column per number of network calls, then its contrasts."""
+    calls = sorted({r["steps"] for r in results["ddim"] + results["dpm_solver"]})
+    cells = {(f"DDIM, eta {r['eta']:g}", r["steps"]): r for r in results["ddim"]}
+    cells.update({(f"DPM-Solver++({r['order']}M)", r["steps"]): r for r in results["dpm_solver"]})
+    samplers = list(dict.fromkeys(name for name, _ in cells))
+
+    def cell(row):
+        return "–" if row is None else f"{row['fid']:.2f} ({1e3 * row['kid']:.1f} ± {1e3 * row['kid_se']:.1f})"
+
+    spacing = results["timestep_spacing"]
+    floor = results.get("floor")
+    return "\n\n".join([
+        f"At N = {results['num_samples']} (the few-step stage of `make image-demo`, {spacing} timesteps, "
+        "the same x_T for every sampler; FID (KID ×10³ ± SE)"
+        + (f"; floor {cell(floor)}" if floor else "") + "):",
+        table([f"{spacing}: sampler \\ calls", *map(str, calls)],
+              [[name, *(cell(cells.get((name, c))) for c in calls)] for name in samplers]),
+        comparisons_table(results.get("comparisons", [])),
+    ])
 
 
 def comparisons_table(comparisons):

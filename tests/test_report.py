@@ -222,3 +222,27 @@ def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
     line = next(line for line in rows.splitlines() if line.startswith("| course, seed 0 | 10 |"))
     assert "| 123.46 ± 7.89 (2, trailing) |" in line
     assert line.endswith(f"| {z[0.0]:+.1f} | {z[1.0]:+.1f} |")
+
+
+def test_report_renders_the_few_step_stage_when_present():
+    """make image-demo's few_step results (OUT/few_step/results.json, nested as "few_step"): a row per
+    sampler, a column per number of calls, and the stage's KID contrasts."""
+    build = load("build_report")
+
+    def score(fid, kid):
+        return {"fid": fid, "kid": kid, "kid_se": 0.002}
+
+    few_step = {"num_samples": 2000, "timestep_spacing": "quadratic", "floor": score(1.5, 0.0001),
+                "ddim": [{"steps": s, "eta": eta, "spacing": "quadratic", **score(10 * s + eta, 0.01)}
+                         for eta in (0.0, 1.0) for s in (10, 20)],
+                "dpm_solver": [{"order": 2, "spacing": "quadratic", "steps": s, **score(s / 10, 0.004)}
+                               for s in (10, 20)],
+                "comparisons": [{"a": "DPM-Solver++(2M) 10 calls, quadratic", "b": "DDIM 10 steps, eta 0",
+                                 "kid_difference": -0.006, "se": 0.0028, "z": -2.1}]}
+    text = build.few_step_table(few_step)
+    assert "At N = 2000" in text and "floor 1.50 (0.1 ± 2.0)" in text
+    assert "| quadratic: sampler \\ calls | 10 | 20 |" in text
+    assert "| DDIM, eta 0 | 100.00 (10.0 ± 2.0) | 200.00 (10.0 ± 2.0) |" in text
+    assert "| DDIM, eta 1 | 101.00 (10.0 ± 2.0) | 201.00 (10.0 ± 2.0) |" in text
+    assert "| DPM-Solver++(2M) | 1.00 (4.0 ± 2.0) | 2.00 (4.0 ± 2.0) |" in text
+    assert "| DPM-Solver++(2M) 10 calls, quadratic | DDIM 10 steps, eta 0 | -6.0 ± 2.8 | -2.1 | resolved |" in text
