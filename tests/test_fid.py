@@ -167,7 +167,7 @@ def frechet_distance_in_the_span(features_1, features_2):
     return mean_gap + scipy_frechet_distance(np.zeros(1), sigma1, np.zeros(1), sigma2)
 
 
-@pytest.mark.parametrize("m, n", [(12, 9), (40, 30), (300, 200)])
+@pytest.mark.parametrize("m, n", [(12, 9), (40, 30), (300, 200), (300, 250)])  # the last: m n >= D^2
 def test_frechet_distance_of_features_with_fewer_images_than_dimensions(measure_fid, m, n):
     """Singular covariances (as 1000 images of 2048 features): the feature route (no D x D matrix
     while m n < D^2), the statistics route and scipy's sqrtm in the features' span agree."""
