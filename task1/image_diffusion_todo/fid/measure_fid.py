@@ -144,8 +144,9 @@ def trace_sqrt_product(sigma1, sigma2):
 
     sigma1 sigma2 is similar to the symmetric PSD matrix sigma1^{1/2} sigma2 sigma1^{1/2}, so the
     trace is the sum of the square roots of that matrix's eigenvalues: two symmetric
-    eigendecompositions, exact also when the covariances are singular (fewer images than
-    dimensions), where a general matrix square root (scipy's sqrtm) needs guards.
+    eigendecompositions instead of a general matrix square root (scipy's sqrtm), with no complex
+    parts or retries. Singular covariances (fewer images than dimensions) pass their null space's
+    rounding noise through the square roots, as sqrtm does; frechet_distance_of_features does not.
     """
     eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
     root = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
