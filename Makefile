@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # Task 1-2 on a CPU stand-in for AFHQ: builds the data and the FID network, trains a small UNet,
 # samples DDPM, the DDIM steps x eta grid and the quadratic-spacing rows, writes the FID and KID
-# tables (within an hour on 2 cores).
+# tables (about an hour and a half on 2 cores).
 image-demo: $(STAMP)
 	cd task1/image_diffusion_todo && $(PYTHON) -m experiments.image_experiment --out ../../results/image_demo
 

@@ -280,7 +280,8 @@ class ImageResults:
             return placeholder("the DPM-Solver++ rows of Task 1-2",
                                "sh experiments/fid_grid.sh CKPT GT_DIR --dpm_solver_steps 10 20 50 "
                                "(in task1/image_diffusion_todo)")
-        grid_rows = table(["order", "spacing", "steps", "FID", "KID ×10³ ± SE", "seconds"], rows)
+        grid_rows = (f"In the grid (N = {self.results['num_samples']}):\n\n"
+                     + table(["order", "spacing", "steps", "FID", "KID ×10³ ± SE", "seconds"], rows))
         few_step = self.results.get("few_step")
         return grid_rows + ("\n\n" + few_step_table(few_step) if few_step else "")
 
@@ -305,7 +306,31 @@ def few_step_table(results):
         table([f"{spacing}: sampler \\ calls", *map(str, calls)],
               [[name, *(cell(cells.get((name, c))) for c in calls)] for name in samplers]),
         comparisons_table(results.get("comparisons", [])),
+        few_step_discussion(results),
     ])
+
+
+def few_step_discussion(results):
+    """The solver against DDIM, and against itself at more calls, in words (KID ×10³, z)."""
+    def contrast(a, b):
+        difference, se = a["kid"] - b["kid"], (a["kid_se"] ** 2 + b["kid_se"] ** 2) ** 0.5
+        verdict = ("unresolved" if abs(difference / se) < 2
+                   else "lower" if difference < 0 else "higher")
+        return f"{verdict}: {1e3 * difference:+.1f} ± {1e3 * se:.1f}, z = {difference / se:.2f}"
+
+    ddim = {(r["steps"], r["eta"]): r for r in results["ddim"]}
+    sentences = []
+    for order in sorted({r["order"] for r in results["dpm_solver"]}):
+        rows = sorted((r for r in results["dpm_solver"] if r["order"] == order), key=lambda r: r["steps"])
+        against_ddim = [f"{r['steps']} calls {contrast(r, ddim[(r['steps'], 0.0)])}"
+                        for r in rows if (r["steps"], 0.0) in ddim]
+        if against_ddim:
+            sentences.append(f"DPM-Solver++({order}M) against DDIM with eta 0 on the same timesteps, KID "
+                             f"×10³: " + "; ".join(against_ddim) + ".")
+        if len(rows) > 1:
+            sentences.append(f"The solver at {rows[-1]['steps']} calls against itself at {rows[0]['steps']}: "
+                             f"{contrast(rows[-1], rows[0])}.")
+    return " ".join(sentences)
 
 
 def comparisons_table(comparisons):

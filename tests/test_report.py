@@ -200,6 +200,11 @@ def test_readme_numbers_come_from_the_results_files():
     assert f"floor of {improved['floor_cd']:.3f}" in readme
     demo = json.loads((report / "results_image_demo.json").read_text())
     assert f"DDPM FID {demo['ddpm']['fid']:.1f} against a floor of {demo['floor']['fid']:.1f}" in readme
+    few_step = demo["few_step"]
+    z = {c["a"]: c["z"] for c in few_step["comparisons"]}
+    assert (f"At N = {few_step['num_samples']}, DPM-Solver++(2M) with 10 network calls has a lower KID" in readme
+            and f"(z = {z['DPM-Solver++(2M) 10 calls, quadratic']:.1f})" in readme
+            and f"(z = {z['DPM-Solver++(2M) 20 calls, quadratic']:.1f})" in readme)
 
 
 def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
@@ -246,3 +251,6 @@ def test_report_renders_the_few_step_stage_when_present():
     assert "| DDIM, eta 1 | 101.00 (10.0 ± 2.0) | 201.00 (10.0 ± 2.0) |" in text
     assert "| DPM-Solver++(2M) | 1.00 (4.0 ± 2.0) | 2.00 (4.0 ± 2.0) |" in text
     assert "| DPM-Solver++(2M) 10 calls, quadratic | DDIM 10 steps, eta 0 | -6.0 ± 2.8 | -2.1 | resolved |" in text
+    # in words, recomputed from the rows: 4 - 10 = -6 +- sqrt(2) 2 at both calls; the solver against itself: 0
+    assert ("10 calls lower: -6.0 ± 2.8, z = -2.12; 20 calls lower: -6.0 ± 2.8, z = -2.12." in text
+            and "The solver at 20 calls against itself at 10: unresolved: +0.0 ± 2.8, z = 0.00." in text)

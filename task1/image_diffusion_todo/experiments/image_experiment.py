@@ -23,7 +23,7 @@ grid samples and scores --jobs settings at once. Everything goes to OUT: data/, 
 samples/, grids/, results.json, results.md, fid_vs_steps.png, few_step/, stages.json. Every FID uses as
 many real images as generated ones, the floor included, because FID is biased at small N.
 
-``FULL`` below is sized for one hour on 2 CPU cores: every image of the grid costs
+``FULL`` below is sized for 1-1.5 hours on 2 CPU cores: every image of the grid costs
 1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) + (10 + 20 + 50) = 6120 network
 evaluations (DDPM, the DDIM grid, its quadratic rows, DPM-Solver++(2M) on the quadratic timesteps),
 one of the few-step stage 2 x (10 + 20) + (10 + 20) = 90.
