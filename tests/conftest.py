@@ -105,26 +105,33 @@ def run_image_script(script, *args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_image_main(script, *args):
-    """``python script args`` in this process: the script's entry point, ``run(main,
-    parse_args(argv), ERRORS)``, with its output captured and sys.exit turned into a return code,
-    as Python does -> CompletedProcess. The same one-line errors as run_image_script without ~3 s
-    of starting Python and importing torch per call; tests of refusals use it, the scripts' own
-    processes are run by the tests that sample and train."""
-    module = load_module(TASK1_IMAGE, Path(script).stem)
-    argv = [script, *map(str, args)]
+def run_in_process(entry_point, argv, cwd):
+    """``python argv...`` run from ``cwd``, but in this process: ``entry_point()`` (what the script's
+    ``if __name__ == "__main__"`` block calls) with that sys.argv, its output captured and sys.exit
+    turned into a return code as Python does -> CompletedProcess. The same one-line errors as a
+    subprocess without ~3 s of starting Python and importing torch per call; tests of refusals use
+    it, the scripts' own processes are run by the tests that sample and train."""
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
-    with contextlib.chdir(TASK1_IMAGE), contextlib.redirect_stdout(stdout), \
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(stdout), \
             contextlib.redirect_stderr(stderr), unittest.mock.patch.object(sys, "argv", argv):
         try:
-            module.run(module.main, module.parse_args(argv[1:]), module.ERRORS)
+            entry_point()
         except SystemExit as exit_:
             code = exit_.code
     if isinstance(code, str):  # sys.exit(message): Python prints the message and exits with 1
         stderr.write(code + "\n")
         code = 1
     return subprocess.CompletedProcess(argv, code or 0, stdout.getvalue(), stderr.getvalue())
+
+
+def run_image_main(script, *args):
+    """``python script args`` of a Task 1-2 script, in this process (run_in_process): its entry
+    point ``run(main, parse_args(argv), ERRORS)``."""
+    module = load_module(TASK1_IMAGE, Path(script).stem)
+    argv = [script, *map(str, args)]
+    return run_in_process(lambda: module.run(module.main, module.parse_args(argv[1:]), module.ERRORS),
+                          argv, TASK1_IMAGE)
 
 
 def assert_one_line_error(result, *needles):

@@ -197,6 +197,12 @@ def test_both_task1_folders_use_one_spacing_rule(course):
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs)), (spacing, num_steps)
 
 
+def test_both_task1_folders_carry_the_same_atomic_writer():
+    """Each course folder runs on its own (flat imports, its own zip entry), so each has a copy of
+    atomic_write.py; the copies must not drift apart."""
+    assert (TASK1_2D / "atomic_write.py").read_bytes() == (TASK1_IMAGE / "atomic_write.py").read_bytes()
+
+
 def test_quadratic_spacing_is_the_ddim_authors_formula(course):
     ddpm, *_ = course
     for num_steps in range(2, 30):  # no repeats up to S = 1 + sqrt(0.8 T) = 29

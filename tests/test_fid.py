@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from scipy import linalg
 
-from conftest import TASK1_FID, TASK1_IMAGE, load_module
+from conftest import TASK1_FID, TASK1_IMAGE, assert_one_line_error, load_module, run_in_process
 
 SPEC = Path(__file__).resolve().parent / "fixtures" / "afhq_inception_v3_state_dict.json"
 
@@ -335,28 +335,14 @@ def test_cli_fid_of_a_folder_with_itself_is_zero(python_exe, folders, fid_a_b):
     assert abs(parse_fid(result.stdout)) < 1e-6 * fid_a_b
 
 
-def assert_one_line_error(returncode, stderr, *fragments):
-    assert returncode != 0
-    assert "Traceback" not in stderr
-    message = stderr.strip()
-    assert message and "\n" not in message, stderr
-    for fragment in fragments:
-        assert fragment in message, message
-
-
-def main_error(module, argv, capsys):
-    """Run a CLI in this process (measure_fid's main(argv), or cli.run(main, parse_args(argv))
-    for the scripts in experiments/); (exit status, stderr) of its failure."""
+def run_main(module, argv):
+    """A CLI's entry point in this process (conftest.run_in_process): measure_fid's main(argv) from
+    fid/, or run(main, parse_args(argv), ERRORS) for the scripts in experiments/ from the folder above."""
     argv = [str(arg) for arg in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        if hasattr(module, "parse_args"):
-            module.run(module.main, module.parse_args(argv), module.ERRORS)
-        else:
-            module.main(argv)
-    code = exit_info.value.code
-    if isinstance(code, str):  # cli.run's sys.exit(message): Python prints it on stderr, status 1
-        return 1, code + "\n"
-    return code, capsys.readouterr().err
+    if hasattr(module, "parse_args"):
+        return run_in_process(lambda: module.run(module.main, module.parse_args(argv), module.ERRORS),
+                              [module.__name__, *argv], TASK1_IMAGE)
+    return run_in_process(lambda: module.main(argv), ["measure_fid.py", *argv], TASK1_FID)
 
 
 def test_cli_unreadable_image_is_named_in_one_line(python_exe, folders, tmp_path):
@@ -365,20 +351,20 @@ def test_cli_unreadable_image_is_named_in_one_line(python_exe, folders, tmp_path
     (broken / "002.png").write_bytes(b"\x89PNG garbage")
     result = run_cli(python_exe, folders / "a", broken, "--ckpt", folders / "random.ckpt",
                      "--img_size", 75)
-    assert_one_line_error(result.returncode, result.stderr, "002.png")
+    assert_one_line_error(result, "002.png")
 
 
-def test_missing_checkpoint_says_where_to_put_it(measure_fid, folders, capsys):
-    code, err = main_error(measure_fid, [folders / "a", folders / "b", "--ckpt", folders / "absent.ckpt"], capsys)
-    assert_one_line_error(code, err, "absent.ckpt", "afhq_inception_v3.ckpt", "not found")
+def test_missing_checkpoint_says_where_to_put_it(measure_fid, folders):
+    result = run_main(measure_fid, [folders / "a", folders / "b", "--ckpt", folders / "absent.ckpt"])
+    assert_one_line_error(result, "absent.ckpt", "afhq_inception_v3.ckpt", "not found")
     # without --ckpt: the course's place, next to measure_fid.py
     if not measure_fid.DEFAULT_CKPT.exists():
-        code, err = main_error(measure_fid, [folders / "a", folders / "b"], capsys)
-        assert_one_line_error(code, err, str(TASK1_FID / "afhq_inception_v3.ckpt"))
+        result = run_main(measure_fid, [folders / "a", folders / "b"])
+        assert_one_line_error(result, str(TASK1_FID / "afhq_inception_v3.ckpt"))
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", "wrong keys", "wrong shapes"])
-def test_corrupt_or_foreign_checkpoint(measure_fid, folders, tmp_path, capsys, content):
+def test_corrupt_or_foreign_checkpoint(measure_fid, folders, tmp_path, content):
     path = tmp_path / "bad.ckpt"
     if content == "wrong keys":
         torch.save({"final_fc.weight": torch.zeros(3, 2048), "other": torch.zeros(1)}, path)
@@ -388,27 +374,27 @@ def test_corrupt_or_foreign_checkpoint(measure_fid, folders, tmp_path, capsys, c
         torch.save(state_dict, path)
     else:
         path.write_bytes(content)
-    code, err = main_error(measure_fid, [folders / "a", folders / "b", "--ckpt", path], capsys)
-    assert_one_line_error(code, err, "bad.ckpt")
+    result = run_main(measure_fid, [folders / "a", folders / "b", "--ckpt", path])
+    assert_one_line_error(result, "bad.ckpt")
 
 
-def test_bad_folders_and_sizes(measure_fid, folders, tmp_path, capsys):
+def test_bad_folders_and_sizes(measure_fid, folders, tmp_path):
     ckpt = folders / "random.ckpt"
-    code, err = main_error(measure_fid, [tmp_path / "missing", folders / "a", "--ckpt", ckpt], capsys)
-    assert_one_line_error(code, err, "missing")
+    result = run_main(measure_fid, [tmp_path / "missing", folders / "a", "--ckpt", ckpt])
+    assert_one_line_error(result, "missing")
     (tmp_path / "empty").mkdir()
-    code, err = main_error(measure_fid, [folders / "a", tmp_path / "empty", "--ckpt", ckpt], capsys)
-    assert_one_line_error(code, err, "empty")
-    code, err = main_error(measure_fid, [folders / "a", folders / "b", "--ckpt", ckpt, "--img_size", 64], capsys)
-    assert_one_line_error(code, err, "75")
+    result = run_main(measure_fid, [folders / "a", tmp_path / "empty", "--ckpt", ckpt])
+    assert_one_line_error(result, "empty")
+    result = run_main(measure_fid, [folders / "a", folders / "b", "--ckpt", ckpt, "--img_size", 64])
+    assert_one_line_error(result, "75")
 
 
-def test_argument_errors_are_one_line(measure_fid, folders, capsys):
+def test_argument_errors_are_one_line(measure_fid, folders):
     """argparse's own errors too (it prints the usage block before the error otherwise)."""
     for argv in ([folders / "a"], [folders / "a", folders / "b", "--img_size", "big"]):
-        code, err = main_error(measure_fid, argv, capsys)
-        assert code == 2
-        assert_one_line_error(code, err, "error:")
+        result = run_main(measure_fid, argv)
+        assert result.returncode == 2
+        assert_one_line_error(result, "error:")
 
 
 def test_16_bit_pngs_are_scaled_not_clipped(measure_fid, folders, tmp_path):
@@ -493,19 +479,19 @@ def png_that_verifies_but_cannot_be_decoded(path):
     path.write_bytes(bytes(out))
 
 
-def test_train_classifier_bad_input(python_exe, train_classifier, tmp_path, capsys):
+def test_train_classifier_bad_input(python_exe, train_classifier, tmp_path):
     common = ["--out", tmp_path / "c.ckpt", "--img_size", "75", "--epochs", "1",
               "--batch_size", "4", "--device", "cpu", "--num_workers", "0"]
-    code, err = main_error(train_classifier, ["--data_root", tmp_path / "nowhere", *common], capsys)
-    assert_one_line_error(code, err, "nowhere")
+    result = run_main(train_classifier, ["--data_root", tmp_path / "nowhere", *common])
+    assert_one_line_error(result, "nowhere")
 
     broken = tmp_path / "broken"
     for split in ("train", "val"):
         for name in ("a", "b"):
             write_images(broken / split / name, [(10, 20, 30)] * 4)
     (broken / "train" / "b" / "001.png").write_bytes(b"garbage")
-    code, err = main_error(train_classifier, ["--data_root", broken, *common], capsys)
-    assert_one_line_error(code, err, "001.png")
+    result = run_main(train_classifier, ["--data_root", broken, *common])
+    assert_one_line_error(result, "001.png")
 
     # A file that only fails when decoded, in a DataLoader worker: training has started (its
     # progress bars are on stderr), and the run ends with one line naming the file.

@@ -408,11 +408,14 @@ def write_results(results, out):
      "dpm_solver": [{"order": int, "spacing": str, "steps": int, **score, "seconds": float}, ...],
      "wall_seconds": {"real_features": float, "sampling_and_scoring": float},
      "comparisons": comparisons(results)}
+
+    -> what results.json holds.
     """
     results = {**results, "comparisons": comparisons(results)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(results))
     plot(results, out / "fid_vs_steps.png")
+    return results
 
 
 def run_grid(args):
@@ -460,9 +463,7 @@ def run_grid(args):
         "dpm_solver": [rows[s.name] for s in settings if s.method == "dpm_solver"],
         "wall_seconds": {"real_features": real_seconds, "sampling_and_scoring": time.time() - start},
     }
-    results["comparisons"] = comparisons(results)
-    write_results(results, out)
-    return results
+    return write_results(results, out)
 
 
 def build_parser():
