@@ -23,7 +23,8 @@ ratio has a bound; the script ends with status 1, naming the bounds it missed, w
    2 cores (bench_sampling.py alone also reports the cost of one noise generator per image).
 6. DPM-Solver++ (dpm_solver.py) costs what DDIM costs per network call: its multistep update is a
    few tensor operations next to the network. Bound: (DPM-Solver++ time / DDIM eta 0 time) at the
-   same number of calls within 1 +- 0.15, orders 2 and 3, the small UNet of 1., interleaved rounds.
+   same number of calls within 1 +- 0.15, orders 2 and 3, and (SDE-DPM-Solver++(2M) time / DDIM
+   eta 1 time) likewise (both draw noise at every step), the small UNet of 1., interleaved rounds.
 """
 import argparse
 import statistics
@@ -109,24 +110,28 @@ def ddim_vs_ddpm(missed):
 
 
 def dpm_solver_vs_ddim(missed):
-    print(f"6. DPM-Solver++ vs DDIM (eta 0) time per network call (the small UNet of 1., batch 4, T={RATIO_T}, "
-          f"quadratic timesteps; median of {SOLVER_ROUNDS} interleaved rounds)")
+    print(f"6. DPM-Solver++ vs DDIM (eta 0), SDE-DPM-Solver++ vs DDIM (eta 1), time per network call (the small "
+          f"UNet of 1., batch 4, T={RATIO_T}, quadratic timesteps; median of {SOLVER_ROUNDS} interleaved rounds)")
     network = small_unet()
+    solvers = {"DPM-Solver++(2M)": (2, False), "DPM-Solver++(3M)": (3, False), "SDE-DPM-Solver++(2M)": (2, True)}
     samplers = {}
     for calls in DDIM_STEPS:
-        samplers[("DDIM", calls)] = DiffusionModule(network, DDIMScheduler(
-            RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, eta=0.0, timestep_spacing="quadratic"))
-        for order in (2, 3):
-            samplers[(f"DPM-Solver++({order}M)", calls)] = DiffusionModule(network, DPMSolverScheduler(
-                RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, order=order, timestep_spacing="quadratic"))
+        for eta in (0.0, 1.0):
+            samplers[(f"DDIM eta {eta:g}", calls)] = DiffusionModule(network, DDIMScheduler(
+                RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, eta=eta, timestep_spacing="quadratic"))
+        for name, (order, stochastic) in solvers.items():
+            samplers[(name, calls)] = DiffusionModule(network, DPMSolverScheduler(
+                RATIO_T, 1e-4, 0.02, num_inference_timesteps=calls, order=order, timestep_spacing="quadratic",
+                stochastic=stochastic))
     seconds = interleaved_sampling_seconds(samplers, SOLVER_ROUNDS)
     for (name, calls), solver_seconds in seconds.items():
-        if name == "DDIM":
+        if name not in solvers:
             continue
-        ratio = solver_seconds / seconds[("DDIM", calls)]
+        ddim = f"DDIM eta {1 if solvers[name][1] else 0}"  # each solver's order 1
+        ratio = solver_seconds / seconds[(ddim, calls)]
         ok = abs(ratio - 1) <= SOLVER_RATIO_TOLERANCE
-        bound = f"{name} {calls} calls: {ratio:.3f} x DDIM's time, not within 1 +- {SOLVER_RATIO_TOLERANCE}"
-        print(f"   {name}, {calls:3d} calls: {solver_seconds:.3f} s vs DDIM {seconds[('DDIM', calls)]:.3f} s -> "
+        bound = f"{name} {calls} calls: {ratio:.3f} x {ddim}'s time, not within 1 +- {SOLVER_RATIO_TOLERANCE}"
+        print(f"   {name}, {calls:3d} calls: {solver_seconds:.3f} s vs {ddim} {seconds[(ddim, calls)]:.3f} s -> "
               f"{ratio:.3f} x ({verdict(ok, bound, missed)})")
 
 

@@ -185,9 +185,18 @@ def z_score(a, b):
     return (a["cd_mean"] - b["cd_mean"]) / (a["cd_se"] ** 2 + b["cd_se"] ** 2) ** 0.5
 
 
+def solver_2d_name(row):
+    """'SDE-2M', '3M', ... (the few-step table's column names) for a Task 1-1 dpm_solver row; order 1
+    as the DDIM it equals."""
+    if row["order"] == 1:
+        return f"DDIM eta {1 if row['sde'] else 0}"
+    return f"{'SDE-' if row['sde'] else ''}{row['order']}M"
+
+
 def dpm_solver_2d():
-    """Few network calls: DDIM (quadratic timesteps) against DPM-Solver++, with the best solver row's
-    difference from each DDIM in standard errors."""
+    """Few network calls on the quadratic timesteps: DDIM (the solvers' order 1) against DPM-Solver++
+    (2M, 3M) and SDE-DPM-Solver++(2M), the best of all rows after the fact, and the SDE solver's
+    difference from the ODE's 2M and from DDIM eta 1 in standard errors."""
     runs = dpm_solver_runs()
     if not runs:
         return placeholder("the DPM-Solver++ rows of Task 1-1 (a dpm_solver entry in report/results_2d_*.json)",
@@ -197,28 +206,60 @@ def dpm_solver_2d():
 
     rows = []
     for label, r in runs:
-        ddim = {(d["steps"], d["eta"]): d for d in r["spacings"] if d["timestep_spacing"] == "quadratic"}
-        solver = {(d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
+        solver = {(d["sde"], d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
         for calls in sorted({d["steps"] for d in r["dpm_solver"]}):
-            eta0, eta1 = ddim[(calls, 0.0)], ddim[(calls, 1.0)]
+            quadratic = {(sde, order): solver.get((sde, order, "quadratic", calls))
+                         for sde, order in ((False, 1), (True, 1), (False, 2), (False, 3), (True, 2))}
             best = min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
-            rows.append([label, calls, cell(eta0), cell(eta1), cell(solver.get((2, "quadratic", calls))),
-                         cell(solver.get((3, "quadratic", calls))),
-                         f"{cell(best)} ({best['order']}, {best['timestep_spacing']})",
-                         f"{z_score(best, eta0):+.1f}", f"{z_score(best, eta1):+.1f}"])
-    return table(["run", "calls", "DDIM eta 0", "DDIM eta 1", "2M", "3M", "best solver (order, spacing)",
-                  "z vs eta 0", "z vs eta 1"], rows)
+            sde2 = quadratic[(True, 2)]
+            rows.append([label, calls, *map(cell, quadratic.values()),
+                         f"{cell(best)} ({solver_2d_name(best)}, {best['timestep_spacing']})",
+                         f"{z_score(sde2, quadratic[(False, 2)]):+.1f}", f"{z_score(sde2, quadratic[(True, 1)]):+.1f}"])
+    return table(["run", "calls", "DDIM eta 0", "DDIM eta 1", "2M", "3M", "SDE-2M", "best row (sampler, spacing)",
+                  "z SDE-2M vs 2M", "z SDE-2M vs eta 1"], rows)
 
 
-def dpm_solver_2d_goal():
-    """The best solver CD at 10 and 20 calls of the improved recipe, seed 0 (the few-step goal)."""
-    runs = dict(dpm_solver_runs())
-    r = runs.get("improved, seed 0")
+FEW_STEP_GOAL = {10: 2.0, 20: 0.6}  # CD bounds at 10 and 20 network calls, improved recipe, seed 0
+
+
+def few_step_goal_rows(seed):
+    """SDE-DPM-Solver++(2M) on the quadratic timesteps by calls, improved recipe -> {calls: row}, or None."""
+    r = dict(dpm_solver_runs()).get(f"improved, seed {seed}")
     if r is None:
+        return None
+    return {d["steps"]: d for d in r["dpm_solver"]
+            if (d["sde"], d["order"], d["timestep_spacing"]) == (True, 2, "quadratic")}
+
+
+def dpm_solver_2d_goal(seed):
+    rows = few_step_goal_rows(seed)
+    if rows is None:
         return "(not run yet)"
-    best = {calls: min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
-            for calls in (10, 20)}
-    return " and ".join(f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])} at {calls} calls" for calls, d in best.items())
+    return " and ".join(f"{fmt(rows[calls]['cd_mean'])} ± {fmt(rows[calls]['cd_se'])} at {calls} calls"
+                        for calls in FEW_STEP_GOAL)
+
+
+def dpm_solver_2d_verdict():
+    """Whether those rows meet FEW_STEP_GOAL: met (missed) when the bound lies 2 standard errors or more
+    above (below) the mean, unresolved in between."""
+    def against_goal(seed):
+        rows = few_step_goal_rows(seed)
+        parts = []
+        for calls, bound in FEW_STEP_GOAL.items():
+            row = rows[calls]
+            z = (bound - row["cd_mean"]) / row["cd_se"]
+            verdict = "met" if z >= 2 else "missed" if z <= -2 else "unresolved"
+            parts.append(f"{calls} calls {verdict} (the bound {bound:g} is {abs(z):.1f} SE "
+                         f"{'above' if z >= 0 else 'below'} the mean)")
+        return "; ".join(parts)
+
+    if few_step_goal_rows(0) is None:
+        return ""
+    text = (f"Against the few-step goal (CD <= {FEW_STEP_GOAL[10]:g} at 10 calls and <= {FEW_STEP_GOAL[20]:g} "
+            f"at 20, seed 0): {against_goal(0)}.")
+    if few_step_goal_rows(1) is not None:
+        text += f" The same bounds on seed 1: {against_goal(1)}."
+    return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,25 +314,30 @@ class ImageResults:
                           [n.replace("image_standin_", "") for n in names], 0.24)
 
     def dpm_solver(self):
-        rows = [[d["order"], d["spacing"], d["steps"], f"{d['fid']:.2f}",
+        rows = [[solver_method(d), d["spacing"], d["steps"], f"{d['fid']:.2f}",
                  f"{1e3 * d['kid']:.1f} ± {1e3 * d['kid_se']:.1f}", f"{d['seconds']:.1f}"]
                 for d in self.results.get("dpm_solver", [])]
         if not rows:
             return placeholder("the DPM-Solver++ rows of Task 1-2",
-                               "sh experiments/fid_grid.sh CKPT GT_DIR --dpm_solver_steps 10 20 50 "
+                               "sh experiments/fid_grid.sh CKPT GT_DIR --dpm_solver_steps 10 20 50 --dpm_solver_sde "
                                "(in task1/image_diffusion_todo)")
         grid_rows = (f"In the grid (N = {self.results['num_samples']}):\n\n"
-                     + table(["order", "spacing", "steps", "FID", "KID ×10³ ± SE", "seconds"], rows))
+                     + table(["sampler", "spacing", "calls", "FID", "KID ×10³ ± SE", "seconds"], rows))
         few_step = self.results.get("few_step")
         return grid_rows + ("\n\n" + few_step_table(few_step) if few_step else "")
 
 
+def solver_method(row):
+    """'DPM-Solver++(2M)' or 'SDE-DPM-Solver++(2M)' for a dpm_solver row of a Task 1-2 results.json."""
+    return f"{'SDE-' if row['sde'] else ''}DPM-Solver++({row['order']}M)"
+
+
 def few_step_table(results):
     """The few-step stage (make image-demo's OUT/few_step/): FID (KID ×10³ ± SE) of DDIM at each eta
-    and of DPM-Solver++ at each order, a column per number of network calls, then its contrasts."""
+    and of each solver, a column per number of network calls, then its contrasts (fid_grid.comparisons)."""
     calls = sorted({r["steps"] for r in results["ddim"] + results["dpm_solver"]})
     cells = {(f"DDIM, eta {r['eta']:g}", r["steps"]): r for r in results["ddim"]}
-    cells.update({(f"DPM-Solver++({r['order']}M)", r["steps"]): r for r in results["dpm_solver"]})
+    cells.update({(solver_method(r), r["steps"]): r for r in results["dpm_solver"]})
     samplers = list(dict.fromkeys(name for name, _ in cells))
 
     def cell(row):
@@ -306,35 +352,11 @@ def few_step_table(results):
         table([f"{spacing}: sampler \\ calls", *map(str, calls)],
               [[name, *(cell(cells.get((name, c))) for c in calls)] for name in samplers]),
         comparisons_table(results.get("comparisons", [])),
-        few_step_discussion(results),
     ])
 
 
-def few_step_discussion(results):
-    """The solver against DDIM, and against itself at more calls, in words (KID ×10³, z)."""
-    def contrast(a, b):
-        difference, se = a["kid"] - b["kid"], (a["kid_se"] ** 2 + b["kid_se"] ** 2) ** 0.5
-        verdict = ("unresolved" if abs(difference / se) < 2
-                   else "lower" if difference < 0 else "higher")
-        return f"{verdict}: {1e3 * difference:+.1f} ± {1e3 * se:.1f}, z = {difference / se:.2f}"
-
-    ddim = {(r["steps"], r["eta"]): r for r in results["ddim"]}
-    sentences = []
-    for order in sorted({r["order"] for r in results["dpm_solver"]}):
-        rows = sorted((r for r in results["dpm_solver"] if r["order"] == order), key=lambda r: r["steps"])
-        against_ddim = [f"{r['steps']} calls {contrast(r, ddim[(r['steps'], 0.0)])}"
-                        for r in rows if (r["steps"], 0.0) in ddim]
-        if against_ddim:
-            sentences.append(f"DPM-Solver++({order}M) against DDIM with eta 0 on the same timesteps, KID "
-                             f"×10³: " + "; ".join(against_ddim) + ".")
-        if len(rows) > 1:
-            sentences.append(f"The solver at {rows[-1]['steps']} calls against itself at {rows[0]['steps']}: "
-                             f"{contrast(rows[-1], rows[0])}.")
-    return " ".join(sentences)
-
-
 def comparisons_table(comparisons):
-    rows = [[c["a"], c["b"], f"{1e3 * c['kid_difference']:.1f} ± {1e3 * c['se']:.1f}", f"{c['z']:.1f}",
+    rows = [[c["a"], c["b"], f"{1e3 * c['kid_difference']:.1f} ± {1e3 * c['se']:.1f}", f"{c['z']:.2f}",
              "resolved" if abs(c["z"]) >= 2 else "unresolved"] for c in comparisons]
     return table(["A", "B", "KID(A) − KID(B), ×10³", "z", "verdict"], rows) if rows else ""
 
@@ -440,7 +462,9 @@ def fill_values(args):
         "improved_grid_table": improved_grid_table,
         "spacing_table": spacing_table,
         "dpm_solver_2d": dpm_solver_2d,
-        "dpm_solver_2d_goal": dpm_solver_2d_goal,
+        "dpm_solver_2d_goal": lambda: dpm_solver_2d_goal(0),
+        "dpm_solver_2d_goal_seed1": lambda: dpm_solver_2d_goal(1),
+        "dpm_solver_2d_verdict": dpm_solver_2d_verdict,
         "fid_label": image.label,
         "fid_table": image.table,
         "fid_ddpm_and_floor": image.ddpm_and_floor,

@@ -20,16 +20,20 @@ DIFFUSERS_PREDICTION_TYPE = {"noise": "epsilon", "x0": "sample"}
 
 
 class Float64DPMSolver(DPMSolverMultistepScheduler):
-    """diffusers' scheduler with its step() unchanged but for one line: diffusers 0.42 casts the
-    sample to float32 at every step ("upcast"), which would cap any comparison at float32's ~1e-7.
-    The test copies step()'s source without that cast; the assert fails if the line moves."""
+    """diffusers' scheduler with its step() unchanged but for two lines: diffusers 0.42 casts the
+    sample and the SDE's noise to float32 at every step ("upcast"), which would cap any comparison
+    at float32's ~1e-7. The test copies step()'s source without those casts; the asserts fail if
+    the lines change."""
 
 
 _STEP_SOURCE = textwrap.dedent(inspect.getsource(DPMSolverMultistepScheduler.step))
-_CAST = "sample = sample.to(torch.float32)"
-assert _STEP_SOURCE.count(_CAST) == 1, "diffusers' DPMSolverMultistepScheduler.step changed: update the test"
+_CASTS = {"sample = sample.to(torch.float32)": "pass",
+          "noise = variance_noise.to(device=model_output.device, dtype=torch.float32)": "noise = variance_noise"}
+for _cast, _replacement in _CASTS.items():
+    assert _STEP_SOURCE.count(_cast) == 1, "diffusers' DPMSolverMultistepScheduler.step changed: update the test"
+    _STEP_SOURCE = _STEP_SOURCE.replace(_cast, _replacement)
 _namespace = {}
-exec(_STEP_SOURCE.replace(_CAST, "pass"), vars(scheduling_dpmsolver_multistep), _namespace)
+exec(_STEP_SOURCE, vars(scheduling_dpmsolver_multistep), _namespace)
 Float64DPMSolver.step = _namespace["step"]
 
 
@@ -63,10 +67,12 @@ def alphas_cumprod64():
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float32), 0).double()
 
 
-def diffusers_trajectory(x_T, timesteps, network, order, predictor, lower_order_final):
-    """diffusers' DPM-Solver++ at these timesteps, with the sigmas of the same float64 schedule."""
+def diffusers_trajectory(x_T, timesteps, network, order, predictor, lower_order_final, noises=None):
+    """diffusers' DPM-Solver++ at these timesteps, with the sigmas of the same float64 schedule;
+    with noises (one [x_T.shape] per step), its SDE-DPM-Solver++ driven by them."""
     reference = Float64DPMSolver(num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                                 algorithm_type="dpmsolver++", solver_type="midpoint", solver_order=order,
+                                 algorithm_type="dpmsolver++" if noises is None else "sde-dpmsolver++",
+                                 solver_type="midpoint", solver_order=order,
                                  prediction_type=DIFFUSERS_PREDICTION_TYPE[predictor],
                                  lower_order_final=lower_order_final, final_sigmas_type="zero")
     reference.set_timesteps(timesteps=timesteps.tolist())
@@ -75,8 +81,8 @@ def diffusers_trajectory(x_T, timesteps, network, order, predictor, lower_order_
     # diffusers' sigma = sqrt((1 - alpha_bar) / alpha_bar), then 0: the clean sample
     reference.sigmas = torch.cat([((1 - alpha_bar) / alpha_bar).sqrt(), torch.zeros(1, dtype=torch.float64)])
     x = x_T.clone()
-    for t in reference.timesteps:
-        x = reference.step(network(x, t), t, x).prev_sample
+    for i, t in enumerate(reference.timesteps):
+        x = reference.step(network(x, t), t, x, variance_noise=None if noises is None else noises[i]).prev_sample
     return x
 
 
@@ -84,17 +90,27 @@ def two_d_module(ddpm, network):
     return ddpm.DiffusionModule(network, ddpm.BaseScheduler(T)).double()
 
 
-def image_trajectory(scheduler_module, x_T, network, predictor):
-    """DiffusionModule.sample's loop, on any scheduler of the image folder."""
+def image_trajectory(scheduler_module, x_T, network, predictor, noises=None):
+    """DiffusionModule.sample's loop, on any scheduler of the image folder; noises: one per step."""
     x = x_T.clone()
-    for t in scheduler_module.timesteps:
-        x = scheduler_module.step(x, t, network(x, t), predictor)
+    for i, t in enumerate(scheduler_module.timesteps):
+        x = scheduler_module.step(x, t, network(x, t), predictor, noise=None if noises is None else noises[i])
     return x
 
 
-def image_solver(dpm_solver, num_steps, order, spacing, lower_order_final=True):
+def image_solver(dpm_solver, num_steps, order, spacing, lower_order_final=True, stochastic=False):
     return dpm_solver.DPMSolverScheduler(T, 1e-4, 0.02, "linear", num_steps, order, timestep_spacing=spacing,
-                                         lower_order_final=lower_order_final).double()
+                                         lower_order_final=lower_order_final, stochastic=stochastic).double()
+
+
+NOISE_SEED = 7
+
+
+def step_noises(x_T, num_steps):
+    """The z of every step as the 2D loop draws them after torch.manual_seed(NOISE_SEED) with x_T
+    given: one randn_like per step."""
+    torch.manual_seed(NOISE_SEED)
+    return [torch.randn_like(x_T) for _ in range(num_steps)]
 
 
 def x_T_for(folder):
@@ -102,15 +118,18 @@ def x_T_for(folder):
     return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def solver_run(folder, two_d, image, x_T, network, num_steps, order, spacing, predictor, lower_order_final=True):
+def solver_run(folder, two_d, image, x_T, network, num_steps, order, spacing, predictor, lower_order_final=True,
+               stochastic=False):
+    """Either folder's solver from x_T; the SDE's noise is step_noises(x_T, num_steps) in both."""
     if folder == "2d":
         ddpm, dpm_solver = two_d
+        torch.manual_seed(NOISE_SEED)
         return dpm_solver.dpm_solver_sample_loop(two_d_module(ddpm, network), x_T.shape, num_steps, order, spacing,
                                                  predictor=predictor, lower_order_final=lower_order_final,
-                                                 x_T=x_T.clone())
+                                                 stochastic=stochastic, x_T=x_T.clone())
     _, dpm_solver = image
-    return image_trajectory(image_solver(dpm_solver, num_steps, order, spacing, lower_order_final), x_T, network,
-                            predictor)
+    return image_trajectory(image_solver(dpm_solver, num_steps, order, spacing, lower_order_final, stochastic), x_T,
+                            network, predictor, step_noises(x_T, num_steps) if stochastic else None)
 
 
 @pytest.mark.parametrize("folder", ["2d", "image"])
@@ -127,6 +146,30 @@ def test_trajectory_equals_diffusers(two_d, image, folder, spacing, order, predi
     ours = solver_run(folder, two_d, image, x_T, network, num_steps, order, spacing, predictor, lower_order_final)
     theirs = diffusers_trajectory(x_T, timesteps, network, order, predictor, lower_order_final)
     torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("folder", ["2d", "image"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("predictor", ["noise", "x0"])
+def test_sde_trajectory_equals_diffusers(two_d, image, folder, spacing, order, predictor):
+    """SDE-DPM-Solver++ against diffusers' sde-dpmsolver++ on the same noise, float64, 7 steps."""
+    _, dpm_solver = two_d if folder == "2d" else image
+    timesteps = dpm_solver.solver_timesteps(alphas_cumprod64(), 7, spacing)
+    network, x_T = TimeDependentNet(), x_T_for(folder)
+    ours = solver_run(folder, two_d, image, x_T, network, 7, order, spacing, predictor, stochastic=True)
+    theirs = diffusers_trajectory(x_T, timesteps, network, order, predictor, True, step_noises(x_T, 7))
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+    ode = solver_run(folder, two_d, image, x_T, network, 7, order, spacing, predictor)
+    assert (ours - ode).abs().max() > 1e-3  # the noise enters
+
+
+@pytest.mark.parametrize("folder", ["2d", "image"])
+def test_sde_solver_has_orders_one_and_two(two_d, image, folder):
+    _, dpm_solver = two_d if folder == "2d" else image
+    with pytest.raises(ValueError, match="SDE-DPM-Solver\\+\\+ order must be one of \\(1, 2\\), got 3"):
+        solver_run(folder, two_d, image, x_T_for(folder), TimeDependentNet(), 7, 3, "quadratic", "noise",
+                   stochastic=True)
 
 
 def test_lower_order_final_changes_order_three_below_15_steps(image):
@@ -180,6 +223,32 @@ def test_order_one_is_ddim_eta_zero_image(image, spacing, predictor):
     ddim = scheduler.DDIMScheduler(T, 1e-4, 0.02, "linear", 10, 0.0, timestep_spacing=spacing).double()
     torch.testing.assert_close(image_trajectory(image_solver(dpm_solver, 10, 1, spacing), x_T, network, predictor),
                                image_trajectory(ddim, x_T, network, predictor), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS[:4])
+def test_sde_order_one_is_ddim_eta_one_2d(two_d, spacing):
+    """On the same draws: ddim_p_sample_loop's eta = 1 steps draw their noise as the SDE solver does."""
+    ddpm, _ = two_d
+    network, x_T = TimeDependentNet(), x_T_for("2d")
+    module = two_d_module(ddpm, network)
+    torch.manual_seed(NOISE_SEED)
+    ddim = x_T.clone()
+    for t, t_prev in zip(*ddpm.ddim_timesteps(T, 10, spacing)):
+        ddim = module.ddim_p_sample(ddim, t, t_prev, eta=1.0)
+    solver = solver_run("2d", two_d, None, x_T, network, 10, 1, spacing, "noise", stochastic=True)
+    torch.testing.assert_close(solver, ddim, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS[:4])
+@pytest.mark.parametrize("predictor", ["noise", "x0", "mean"])
+def test_sde_order_one_is_ddim_eta_one_image(image, spacing, predictor):
+    scheduler, dpm_solver = image
+    network, x_T = (PosteriorMeanNet() if predictor == "mean" else TimeDependentNet()), x_T_for("image")
+    noises = step_noises(x_T, 10)
+    ddim = scheduler.DDIMScheduler(T, 1e-4, 0.02, "linear", 10, 1.0, timestep_spacing=spacing).double()
+    solver = image_solver(dpm_solver, 10, 1, spacing, stochastic=True)
+    torch.testing.assert_close(image_trajectory(solver, x_T, network, predictor, noises),
+                               image_trajectory(ddim, x_T, network, predictor, noises), atol=1e-10, rtol=0)
 
 
 class PosteriorMeanNet(TimeDependentNet):
@@ -256,7 +325,7 @@ def test_steps_out_of_order_are_refused(image):
         solver.step(x, solver.timesteps[2], x, "x0")
 
 
-# --- sampling.py --sample_method dpm_solver ---------------------------------------------------------
+# --- sampling.py --sample_method dpm_solver, sde_dpm_solver ---------------------------------------
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
@@ -273,22 +342,32 @@ def read_pixels(folder):
     return np.stack([np.asarray(Image.open(folder / f"{i}.png"), dtype=np.int16) for i in range(3)])
 
 
-def test_sampling_cli_order_one_writes_ddim_eta_zero_images(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("method, eta", [("dpm_solver", 0), ("sde_dpm_solver", 1)])
+def test_sampling_cli_order_one_writes_ddim_images(tiny_ckpt, tmp_path, method, eta):
+    """Order 1 of the ODE solver is DDIM with eta 0, of the SDE solver DDIM with eta 1 (same seed:
+    the same x_T and step noise per image)."""
     common = ["--ckpt_path", tiny_ckpt, "--num_samples", 3, "--batch_size", 3, "--ddim_steps", 5,
               "--timestep_spacing", "quadratic", "--seed", 7]
-    solver = run_main("sampling.py", *common, "--save_dir", tmp_path / "solver", "--sample_method", "dpm_solver",
-                     "--solver_order", 1)
-    ddim = run_main("sampling.py", *common, "--save_dir", tmp_path / "ddim", "--sample_method", "ddim", "--eta", 0)
+    solver = run_main("sampling.py", *common, "--save_dir", tmp_path / "solver", "--sample_method", method,
+                      "--solver_order", 1)
+    ddim = run_main("sampling.py", *common, "--save_dir", tmp_path / "ddim", "--sample_method", "ddim", "--eta", eta)
     assert solver.returncode == 0 and ddim.returncode == 0, solver.stderr[-2000:] + ddim.stderr[-2000:]
     summary = json.loads((tmp_path / "solver" / "sampling.json").read_text())
-    assert summary["sample_method"] == "dpm_solver" and summary["solver_order"] == 1 and summary["ddim_steps"] == 5
+    assert summary["sample_method"] == method and summary["solver_order"] == 1 and summary["ddim_steps"] == 5
     assert json.loads((tmp_path / "ddim" / "sampling.json").read_text())["solver_order"] is None
     # float32 rounding of two equal formulas may move a pixel by one level, no more
     assert np.abs(read_pixels(tmp_path / "solver") - read_pixels(tmp_path / "ddim")).max() <= 1
 
 
+def test_sampling_cli_refuses_order_three_for_the_sde_solver(tiny_ckpt, tmp_path):
+    result = run_main("sampling.py", "--ckpt_path", tiny_ckpt, "--save_dir", tmp_path / "out",
+                      "--sample_method", "sde_dpm_solver", "--solver_order", 3)
+    assert_one_line_error(result, "--solver_order 3", "SDE-DPM-Solver++")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sampling_cli_refuses_logsnr_for_ddim(tiny_ckpt, tmp_path):
     result = run_main("sampling.py", "--ckpt_path", tiny_ckpt, "--save_dir", tmp_path / "out",
                      "--sample_method", "ddim", "--timestep_spacing", "logsnr")
-    assert_one_line_error(result, "--timestep_spacing logsnr", "dpm_solver")
+    assert_one_line_error(result, "--timestep_spacing logsnr", "DPM-Solver++")
     assert not (tmp_path / "out").exists()

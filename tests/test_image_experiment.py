@@ -80,19 +80,24 @@ def test_quick_run_tabulates_every_setting(quick):
 
 
 def test_quick_run_has_the_few_step_rows_at_their_own_n(quick):
-    """Stage few_step: DDIM (eta 0) and DPM-Solver++(2M) on the quadratic timesteps, no DDPM, at its
-    own N, into OUT/few_step/, with the solver compared with DDIM on the same timesteps."""
+    """Stage few_step: DDIM (eta 0 and 1), DPM-Solver++(2M) and SDE-DPM-Solver++(2M) on the quadratic
+    timesteps, no DDPM, at its own N, into OUT/few_step/, with each solver compared with its order 1
+    (DDIM eta 0, eta 1) on the same timesteps."""
     out, results, _ = quick
     config = results["config"]["few_step"]
     few_step = results["few_step"]
     assert few_step["ddpm"] is None and few_step["num_samples"] == few_step["num_gt"] == config["num_samples"]
     assert few_step["num_samples"] != results["num_samples"]
-    assert [(r["steps"], r["eta"], r["spacing"]) for r in few_step["ddim"]] == [(4, 0.0, "quadratic")]
-    assert [(r["order"], r["steps"], r["spacing"]) for r in few_step["dpm_solver"]] == [(2, 4, "quadratic")]
+    assert [(r["steps"], r["eta"], r["spacing"]) for r in few_step["ddim"]] == [(4, 0.0, "quadratic"),
+                                                                                 (4, 1.0, "quadratic")]
+    assert [(r["sde"], r["order"], r["steps"], r["spacing"]) for r in few_step["dpm_solver"]] == [
+        (False, 2, 4, "quadratic"), (True, 2, 4, "quadratic")]
     assert json.loads((out / "few_step" / "results.json").read_text())["dpm_solver"] == few_step["dpm_solver"]
-    assert len(list((out / "few_step" / "samples" / "dpm_solver2_quadratic_steps4").glob("*.png"))) == 6
+    for name in ("dpm_solver2_quadratic_steps4", "sde_dpm_solver2_quadratic_steps4"):
+        assert len(list((out / "few_step" / "samples" / name).glob("*.png"))) == 6
     pairs = [(c["a"], c["b"]) for c in few_step["comparisons"]]
     assert ("DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 0") in pairs
+    assert ("SDE-DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 1") in pairs
     assert "# Few-step samplers at N = 6" in (out / "results.md").read_text()
 
 
@@ -279,31 +284,68 @@ def test_fid_grid_script(quick, tmp_path):
 
 
 def test_fid_grid_dpm_solver_rows(quick, tmp_path):
-    """--dpm_solver_steps rows beside DDIM eta 0 on the same timesteps, without DDPM (--skip_ddpm):
-    order 1 is DDIM eta 0, so its images, FID and KID are DDIM's (up to a pixel level of rounding)."""
+    """--dpm_solver_steps rows (--dpm_solver_sde: SDE rows too) beside DDIM on the same timesteps,
+    without DDPM (--skip_ddpm): order 1 is DDIM eta 0 (the SDE's: eta 1), so its images, FID and KID
+    are DDIM's (up to a pixel level of rounding)."""
     fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
     out, results, _ = quick
     args = fid_grid.build_parser().parse_args([
         "--ckpt_path", str(out / "unet" / "last.ckpt"), "--gt_dir", str(out / "data" / "val"),
         "--out", str(tmp_path / "grid"), "--num_samples", "8", "--batch_size", "8", "--skip_ddpm",
-        "--ddim_steps", "4", "--etas", "0", "--timestep_spacing", "quadratic", "--dpm_solver_steps", "4",
-        "--dpm_solver_orders", "1", "2", "--fid_ckpt", str(out / "fid" / "standin_inception_v3.ckpt"),
+        "--ddim_steps", "4", "--etas", "0", "1", "--timestep_spacing", "quadratic", "--dpm_solver_steps", "4",
+        "--dpm_solver_orders", "1", "2", "3", "--dpm_solver_sde",
+        "--fid_ckpt", str(out / "fid" / "standin_inception_v3.ckpt"),
         "--fid_img_size", "75", "--fid_device", "cpu", "--use_ema"])
     fid_grid.check_args(args)
     grid = fid_grid.run_grid(args)
     assert grid["ddpm"] is None and not (tmp_path / "grid" / "samples" / "ddpm").exists()
-    assert [(r["order"], r["spacing"], r["steps"]) for r in grid["dpm_solver"]] == [(1, "quadratic", 4),
-                                                                                      (2, "quadratic", 4)]
-    ddim, (first, second) = grid["ddim"][0], grid["dpm_solver"]
-    assert set(first) == {"order", "spacing", "steps", "fid", "kid", "kid_se", "seconds"}
-    solver_pixels, ddim_pixels = (np.stack([np.asarray(Image.open(p), dtype=np.int16) for p in sorted(
-        (tmp_path / "grid" / "samples" / name).glob("*.png"))]) for name in ("dpm_solver1_quadratic_steps4",
-                                                                              "ddim_quadratic_steps4_eta0"))
-    assert np.abs(solver_pixels - ddim_pixels).max() <= 1
-    assert first["fid"] == pytest.approx(ddim["fid"], rel=1e-2) and first["fid"] != second["fid"]
+    assert [(r["sde"], r["order"]) for r in grid["dpm_solver"]] == [(False, 1), (False, 2), (False, 3),
+                                                                      (True, 1), (True, 2)]
+    assert {(r["spacing"], r["steps"]) for r in grid["dpm_solver"]} == {("quadratic", 4)}
+    first, second = grid["dpm_solver"][:2]
+    assert set(first) == {"sde", "order", "spacing", "steps", "fid", "kid", "kid_se", "seconds"}
+
+    def pixels(name):
+        return np.stack([np.asarray(Image.open(p), dtype=np.int16)
+                         for p in sorted((tmp_path / "grid" / "samples" / name).glob("*.png"))])
+
+    for solver, ddim in (("dpm_solver1", "eta0"), ("sde_dpm_solver1", "eta1")):
+        assert np.abs(pixels(f"{solver}_quadratic_steps4") - pixels(f"ddim_quadratic_steps4_{ddim}")).max() <= 1
+    assert first["fid"] == pytest.approx(grid["ddim"][0]["fid"], rel=1e-2) and first["fid"] != second["fid"]
     saved = json.loads((tmp_path / "grid" / "results.json").read_text())
     assert saved["ddpm"] is None and saved["dpm_solver"] == grid["dpm_solver"]
     pairs = {(c["a"], c["b"]) for c in saved["comparisons"]}
     assert ("DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 0") in pairs
+    assert ("SDE-DPM-Solver++(2M) 4 calls, quadratic", "DDIM 4 steps, eta 1") in pairs
     md = (tmp_path / "grid" / "results.md").read_text()
-    assert "DPM-Solver++ (deterministic: eta does not apply" in md and "| 2, quadratic |" in md
+    assert "eta does not apply" in md and "| SDE-DPM-Solver++(2M), quadratic |" in md
+
+
+def test_comparisons_pair_each_solver_with_its_order_one_and_with_itself():
+    """fid_grid.comparisons on a synthetic few-step results dict: DPM-Solver++ against DDIM eta 0,
+    SDE-DPM-Solver++ against DDIM eta 1 on the same timesteps, each solver at its fewest against its
+    most calls; difference a - b and se = hypot(se_a, se_b)."""
+    fid_grid = load_module(TASK1_IMAGE, "experiments.fid_grid")
+
+    def score(kid, kid_se):
+        return {"fid": 1.0, "kid": kid, "kid_se": kid_se}
+
+    results = {"timestep_spacing": "quadratic", "steps": [10, 20], "etas": [0.0, 1.0], "extra_spacings": [],
+               "extra_steps": [], "T": 1000, "floor": None, "ddpm": None,
+               "ddim": [{"steps": s, "eta": eta, "spacing": "quadratic", **score(0.05 + eta / 10, 0.004)}
+                        for eta in (0.0, 1.0) for s in (10, 20)],
+               "dpm_solver": [{"sde": sde, "order": 2, "spacing": "quadratic", "steps": s,
+                               **score(0.01 * s / 10 + 0.02 * sde, 0.003)} for sde in (False, True) for s in (10, 20)]}
+    solver_rows = {(c["a"], c["b"]): c for c in fid_grid.comparisons(results) if "DPM-Solver++" in c["a"]}
+    assert set(solver_rows) == {
+        ("DPM-Solver++(2M) 10 calls, quadratic", "DDIM 10 steps, eta 0"),
+        ("DPM-Solver++(2M) 20 calls, quadratic", "DDIM 20 steps, eta 0"),
+        ("SDE-DPM-Solver++(2M) 10 calls, quadratic", "DDIM 10 steps, eta 1"),
+        ("SDE-DPM-Solver++(2M) 20 calls, quadratic", "DDIM 20 steps, eta 1"),
+        ("DPM-Solver++(2M) 10 calls, quadratic", "DPM-Solver++(2M) 20 calls, quadratic"),
+        ("SDE-DPM-Solver++(2M) 10 calls, quadratic", "SDE-DPM-Solver++(2M) 20 calls, quadratic")}
+    sde_vs_ddim = solver_rows[("SDE-DPM-Solver++(2M) 10 calls, quadratic", "DDIM 10 steps, eta 1")]
+    assert sde_vs_ddim["kid_difference"] == pytest.approx(0.03 - 0.15)
+    assert sde_vs_ddim["se"] == pytest.approx(0.005) and sde_vs_ddim["z"] == pytest.approx(-0.12 / 0.005)
+    itself = solver_rows[("DPM-Solver++(2M) 10 calls, quadratic", "DPM-Solver++(2M) 20 calls, quadratic")]
+    assert itself["kid_difference"] == pytest.approx(-0.01) and itself["se"] == pytest.approx(0.003 * 2 ** 0.5)

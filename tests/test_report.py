@@ -58,7 +58,7 @@ def fixture_grid(folder):
                "ddim": ddim,
                "comparisons": [{"a": "DDPM", "b": "floor (real vs. real)", "kid_difference": 0.0037,
                                 "se": 0.0011, "z": 3.36}],
-               "dpm_solver": [{"order": 2, "spacing": "leading", "steps": 7, "fid": 655.5, "kid": 0.01,
+               "dpm_solver": [{"sde": False, "order": 2, "spacing": "leading", "steps": 7, "fid": 655.5, "kid": 0.01,
                                "kid_se": 0.002, "seconds": 0.5}]}
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(results))
@@ -201,14 +201,30 @@ def test_readme_numbers_come_from_the_results_files():
     demo = json.loads((report / "results_image_demo.json").read_text())
     assert f"DDPM FID {demo['ddpm']['fid']:.1f} against a floor of {demo['floor']['fid']:.1f}" in readme
     few_step = demo["few_step"]
-    z = {c["a"]: c["z"] for c in few_step["comparisons"]}
+    z = {(c["a"], c["b"]): c["z"] for c in few_step["comparisons"]}
+
+    def against_ddim(sde, calls):
+        return z[(f"{'SDE-' if sde else ''}DPM-Solver++(2M) {calls} calls, quadratic",
+                  f"DDIM {calls} steps, eta {1 if sde else 0}")]
+
     assert (f"At N = {few_step['num_samples']}, DPM-Solver++(2M) with 10 network calls has a lower KID" in readme
-            and f"(z = {z['DPM-Solver++(2M) 10 calls, quadratic']:.1f})" in readme
-            and f"(z = {z['DPM-Solver++(2M) 20 calls, quadratic']:.1f})" in readme)
+            and f"(z = {against_ddim(False, 10):.1f})" in readme and f"(z = {against_ddim(True, 10):.1f})" in readme
+            and f"(z = {against_ddim(False, 20):.1f} and {against_ddim(True, 20):.1f})" in readme)
+    improved1 = json.loads((report / "results_2d_improved_seed1.json").read_text())
+
+    def sde_2m(run, calls):
+        row = next(r for r in run["dpm_solver"] if (r["sde"], r["order"], r["timestep_spacing"], r["steps"])
+                   == (True, 2, "quadratic", calls))
+        return f"{row['cd_mean']:.2f} ± {row['cd_se']:.2f}"
+
+    assert (f"reaches CD {sde_2m(improved, 10)}\nat 10 calls and {sde_2m(improved, 20)} at 20" in readme
+            and f"seed 1: {sde_2m(improved1, 10)} and {sde_2m(improved1, 20)}" in readme)
 
 
 def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
-    """The few-step table of Task 1-1 reads the "dpm_solver" key of report/results_2d_*.json."""
+    """The few-step table of Task 1-1 reads the "dpm_solver" key of report/results_2d_*.json: DDIM
+    (the solvers' order 1), 2M, 3M and SDE-2M on the quadratic timesteps, the best row of all, and
+    SDE-2M's z against 2M and against DDIM eta 1."""
     build = load("build_report")
     for path in (ROOT / "report").glob("results_2d_*.json"):
         run = json.loads(path.read_text())
@@ -217,16 +233,38 @@ def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
     build.REPORT_DIR = tmp_path
     assert "Not run yet" in build.dpm_solver_2d()
     run = json.loads((tmp_path / "results_2d_course.json").read_text())
-    run["dpm_solver"] = [{"order": 2, "timestep_spacing": "trailing", "steps": 10, "cd_mean": 123.456,
-                          "cd_se": 7.891, "cds": [120.0, 126.9]}]
+    quadratic = {(False, 1): (50.0, 2.0), (True, 1): (40.0, 3.0), (False, 2): (30.0, 1.0), (False, 3): (35.0, 1.5),
+                 (True, 2): (20.0, 2.0)}
+    run["dpm_solver"] = [{"sde": sde, "order": order, "timestep_spacing": "quadratic", "steps": 10, "cd_mean": mean,
+                          "cd_se": se} for (sde, order), (mean, se) in quadratic.items()]
+    run["dpm_solver"].append({"sde": False, "order": 3, "timestep_spacing": "trailing", "steps": 10,
+                              "cd_mean": 12.345, "cd_se": 0.5})
     (tmp_path / "results_2d_course.json").write_text(json.dumps(run))
-    rows = build.dpm_solver_2d()
-    ddim = {row["eta"]: row for row in run["spacings"]
-            if row["timestep_spacing"] == "quadratic" and row["steps"] == 10 and row["eta"] in (0.0, 1.0)}
-    z = {eta: (123.456 - row["cd_mean"]) / (7.891 ** 2 + row["cd_se"] ** 2) ** 0.5 for eta, row in ddim.items()}
-    line = next(line for line in rows.splitlines() if line.startswith("| course, seed 0 | 10 |"))
-    assert "| 123.46 ± 7.89 (2, trailing) |" in line
-    assert line.endswith(f"| {z[0.0]:+.1f} | {z[1.0]:+.1f} |")
+    line = next(line for line in build.dpm_solver_2d().splitlines() if line.startswith("| course, seed 0 | 10 |"))
+    # z = (20 - 30) / sqrt(2^2 + 1^2) and (20 - 40) / sqrt(2^2 + 3^2)
+    assert line == ("| course, seed 0 | 10 | 50.00 ± 2.00 | 40.00 ± 3.00 | 30.00 ± 1.00 | 35.00 ± 1.50 | "
+                    "20.00 ± 2.00 | 12.35 ± 0.50 (3M, trailing) | -4.5 | -5.5 |")
+
+
+def test_few_step_goal_verdict_says_met_missed_or_unresolved_and_by_how_many_standard_errors(tmp_path):
+    """The improved recipe's SDE-DPM-Solver++(2M) rows (quadratic) against CD <= 2 at 10 calls and
+    <= 0.6 at 20, from the results files: met or missed by 2 standard errors or more, else unresolved."""
+    build = load("build_report")
+    for path in (ROOT / "report").glob("results_2d_*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    build.REPORT_DIR = tmp_path
+    for name, cds in (("results_2d_improved.json", {10: (1.8, 0.2), 20: (0.75, 0.05)}),
+                      ("results_2d_improved_seed1.json", {10: (2.5, 0.25), 20: (0.55, 0.05)})):
+        run = json.loads((tmp_path / name).read_text())
+        run["dpm_solver"] = [{"sde": True, "order": 2, "timestep_spacing": "quadratic", "steps": calls,
+                              "cd_mean": mean, "cd_se": se} for calls, (mean, se) in cds.items()]
+        (tmp_path / name).write_text(json.dumps(run))
+    text = build.dpm_solver_2d_verdict()
+    assert ("seed 0): 10 calls unresolved (the bound 2 is 1.0 SE above the mean); "
+            "20 calls missed (the bound 0.6 is 3.0 SE below the mean)." in text)
+    assert ("seed 1: 10 calls missed (the bound 2 is 2.0 SE below the mean); "
+            "20 calls unresolved (the bound 0.6 is 1.0 SE above the mean)." in text)
+    assert build.dpm_solver_2d_goal(1) == "2.50 ± 0.25 at 10 calls and 0.55 ± 0.05 at 20 calls"
 
 
 def test_report_renders_the_few_step_stage_when_present():
@@ -240,8 +278,8 @@ def test_report_renders_the_few_step_stage_when_present():
     few_step = {"num_samples": 2000, "timestep_spacing": "quadratic", "floor": score(1.5, 0.0001),
                 "ddim": [{"steps": s, "eta": eta, "spacing": "quadratic", **score(10 * s + eta, 0.01)}
                          for eta in (0.0, 1.0) for s in (10, 20)],
-                "dpm_solver": [{"order": 2, "spacing": "quadratic", "steps": s, **score(s / 10, 0.004)}
-                               for s in (10, 20)],
+                "dpm_solver": [{"sde": sde, "order": 2, "spacing": "quadratic", "steps": s,
+                                **score(s / 10 + sde, 0.004)} for sde in (False, True) for s in (10, 20)],
                 "comparisons": [{"a": "DPM-Solver++(2M) 10 calls, quadratic", "b": "DDIM 10 steps, eta 0",
                                  "kid_difference": -0.006, "se": 0.0028, "z": -2.1}]}
     text = build.few_step_table(few_step)
@@ -250,7 +288,5 @@ def test_report_renders_the_few_step_stage_when_present():
     assert "| DDIM, eta 0 | 100.00 (10.0 ± 2.0) | 200.00 (10.0 ± 2.0) |" in text
     assert "| DDIM, eta 1 | 101.00 (10.0 ± 2.0) | 201.00 (10.0 ± 2.0) |" in text
     assert "| DPM-Solver++(2M) | 1.00 (4.0 ± 2.0) | 2.00 (4.0 ± 2.0) |" in text
-    assert "| DPM-Solver++(2M) 10 calls, quadratic | DDIM 10 steps, eta 0 | -6.0 ± 2.8 | -2.1 | resolved |" in text
-    # in words, recomputed from the rows: 4 - 10 = -6 +- sqrt(2) 2 at both calls; the solver against itself: 0
-    assert ("10 calls lower: -6.0 ± 2.8, z = -2.12; 20 calls lower: -6.0 ± 2.8, z = -2.12." in text
-            and "The solver at 20 calls against itself at 10: unresolved: +0.0 ± 2.8, z = 0.00." in text)
+    assert "| SDE-DPM-Solver++(2M) | 2.00 (4.0 ± 2.0) | 3.00 (4.0 ± 2.0) |" in text
+    assert "| DPM-Solver++(2M) 10 calls, quadratic | DDIM 10 steps, eta 0 | -6.0 ± 2.8 | -2.10 | resolved |" in text

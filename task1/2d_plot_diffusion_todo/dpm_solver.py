@@ -25,7 +25,23 @@ by h (see multistep_update). The first steps lack history and use order 1, then 
 last step goes to sigma = 0, lambda = +inf, where only order 1 is defined and it returns D0: the
 clean sample. With lower_order_final, runs of fewer than 15 steps also take at most order 2 on the
 step before the last (diffusers' default; it steadies the few-step end).
+
+SDE-DPM-Solver++ (stochastic=True; diffusers' algorithm_type="sde-dpmsolver++") solves the reverse
+SDE instead of the ODE, with the same fits of x0_theta. Its exact solution from s to t adds fresh
+noise z ~ N(0, I) and pulls harder towards x0_theta:
+
+    x_t = (sigma_t / sigma_s) e^{-h} x_s + 2 alpha_t integral_{lambda_s}^{lambda_t} e^{-2 (lambda_t - lambda)} x0_theta dlambda
+          + sigma_t sqrt(1 - e^{-2h}) z
+
+    order 1:  x_t = (sigma_t / sigma_s0) e^{-h} x_s0 + alpha_t (1 - e^{-2h}) D0 + sigma_t sqrt(1 - e^{-2h}) z
+    order 2:  ... + 0.5 alpha_t (1 - e^{-2h}) D1
+
+Order 1 is DDIM with eta = 1 (both are DDPM's posterior step over the sub-sequence), as the ODE's
+order 1 is DDIM with eta = 0; orders 1 and 2 only, as diffusers. Noise is drawn at every step, the
+last included (where its weight is 0), after the network call: the draws of DDIM's eta > 0.
 """
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -33,6 +49,7 @@ from ddpm import TIMESTEP_SPACINGS, check_denoises, ddim_timesteps, extract
 
 SOLVER_SPACINGS = TIMESTEP_SPACINGS + ("logsnr",)
 SOLVER_ORDERS = (1, 2, 3)
+SDE_SOLVER_ORDERS = (1, 2)
 PREDICTORS = ("noise", "x0", "mean")
 
 
@@ -87,12 +104,21 @@ def step_order(i: int, num_steps: int, order: int, lower_order_final: bool = Tru
     return k
 
 
-def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> torch.Tensor:
+def check_order(order: int, stochastic: bool) -> None:
+    """ValueError unless the ODE solver (orders 1-3) or the SDE solver (orders 1-2) has this order."""
+    orders = SDE_SOLVER_ORDERS if stochastic else SOLVER_ORDERS
+    if order not in orders:
+        raise ValueError(f"the {'SDE-' if stochastic else ''}DPM-Solver++ order must be one of {orders}, got {order}")
+
+
+def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor,
+                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One DPM-Solver++ step of order k = len(x0_preds) from s0 to t.
 
     x_s0: [B, ...] the sample at s0; x0_preds: the k newest predictions of x_0, oldest first
     [..., D(s1), D(s0)], each [B, ...]; alpha_bars: [k + 1] alpha_bar at s_{k-1}, ..., s1, s0 and t
-    (alpha_bar_t = 1: the clean sample) -> x_t: [B, ...].
+    (alpha_bar_t = 1: the clean sample); noise: [B, ...] the z of SDE-DPM-Solver++, None for the
+    ODE solver -> x_t: [B, ...].
     """
     if alpha_bars[-1] == 1:
         return x0_preds[-1]  # sigma_t = 0, alpha_t = 1, e^{-h} = 0: x_t = D0
@@ -100,9 +126,13 @@ def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> 
     lambda_ = alpha.log() - sigma.log()
     alpha_t, sigma_t, sigma_s0 = alpha[-1], sigma[-1], sigma[-2]
     h = lambda_[-1] - lambda_[-2]
-    phi_1 = torch.expm1(-h)
     D0 = x0_preds[-1]
-    x_t = (sigma_t / sigma_s0) * x_s0 - alpha_t * phi_1 * D0  # order 1: DDIM (eta = 0)
+    if noise is None:  # the ODE; order 1 is DDIM (eta = 0)
+        decay, weight = sigma_t / sigma_s0, -alpha_t * torch.expm1(-h)  # weight = -alpha_t phi_1
+        x_t = decay * x_s0 + weight * D0
+    else:  # the SDE; order 1 is DDIM (eta = 1)
+        decay, weight = sigma_t / sigma_s0 * torch.exp(-h), -alpha_t * torch.expm1(-2 * h)
+        x_t = decay * x_s0 + weight * D0 + sigma_t * (-torch.expm1(-2 * h)).sqrt() * noise
     if len(x0_preds) == 1:
         return x_t
     # r0 = h_0 / h, the previous step relative to this one; D1_0 ~ h * dD/dlambda at s0
@@ -110,13 +140,14 @@ def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> 
     r0 = h_0 / h
     D1_0 = (D0 - x0_preds[-2]) / r0
     if len(x0_preds) == 2:
-        return x_t - 0.5 * alpha_t * phi_1 * D1_0  # Algorithm 2: D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1)
-    # order 3: a quadratic through the last three predictions, D1 ~ h D', D2 ~ h^2 D'' / 2
+        return x_t + 0.5 * weight * D1_0  # Algorithm 2: D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1)
+    # order 3 (the ODE only): a quadratic through the last three predictions, D1 ~ h D', D2 ~ h^2 D'' / 2
     h_1 = lambda_[-3] - lambda_[-4]
     r1 = h_1 / h
     D1_1 = (x0_preds[-2] - x0_preds[-3]) / r1
     D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
     D2 = (D1_0 - D1_1) / (r0 + r1)
+    phi_1 = torch.expm1(-h)
     phi_2 = phi_1 / h + 1
     phi_3 = phi_2 / h - 0.5
     return x_t + alpha_t * phi_2 * D1 - alpha_t * phi_3 * D2
@@ -142,14 +173,14 @@ def predict_x0(var_scheduler, x_t: torch.Tensor, t: torch.Tensor, net_out: torch
 @torch.no_grad()
 def dpm_solver_sample_loop(model, shape, num_network_calls: int = 10, order: int = 2,
                            timestep_spacing: str = "quadratic", *, predictor: str = "noise",
-                           lower_order_final: bool = True, x_T=None) -> torch.Tensor:
-    """DPM-Solver++(order M) from x_T ~ N(0, I) to x_0 with num_network_calls network calls.
+                           lower_order_final: bool = True, stochastic: bool = False, x_T=None) -> torch.Tensor:
+    """DPM-Solver++(order M) from x_T ~ N(0, I) to x_0 with num_network_calls network calls;
+    SDE-DPM-Solver++ with stochastic=True.
 
     model: ddpm.DiffusionModule; shape: e.g. (num_points, 2); x_T: [shape] or None (drawn here);
     predictor: what model.network outputs (the course's network: noise) -> x_0: shape
     """
-    if order not in SOLVER_ORDERS:
-        raise ValueError(f"order must be one of {SOLVER_ORDERS}, got {order}")
+    check_order(order, stochastic)
     alphas_cumprod = model.var_scheduler.alphas_cumprod
     timesteps = solver_timesteps(alphas_cumprod, num_network_calls, timestep_spacing).to(alphas_cumprod.device)
     # alpha_bar along the path: at each timestep, then 1 at the clean end
@@ -159,6 +190,7 @@ def dpm_solver_sample_loop(model, shape, num_network_calls: int = 10, order: int
     for i, t in enumerate(timesteps):
         x0_preds.append(predict_x0(model.var_scheduler, x, t, model.network(x, t), predictor))
         k = step_order(i, len(timesteps), order, lower_order_final)
-        x = multistep_update(x, x0_preds[-k:], path[i + 1 - k: i + 2])
+        noise = torch.randn_like(x) if stochastic else None
+        x = multistep_update(x, x0_preds[-k:], path[i + 1 - k: i + 2], noise)
         x0_preds = x0_preds[-(SOLVER_ORDERS[-1] - 1):]  # keep only what a later step can use
     return x

@@ -5,7 +5,8 @@ and measure the Chamfer distance (CD) of each against the target, as the course 
 
 The DDIM grid (steps x eta) uses --timestep_spacing; a second table compares every spacing
 (leading, linspace, trailing, quadratic: see ddpm.ddim_timesteps) at the same steps and etas; a
-third puts DPM-Solver++ (dpm_solver.py, orders --solver_orders) beside DDIM at few network calls.
+third puts DPM-Solver++ and SDE-DPM-Solver++ (dpm_solver.py, orders --solver_orders), whose order 1 is
+DDIM with eta 0 and 1, side by side at few network calls.
 Writes OUT/results.json, OUT/results.md, OUT/model.ckpt and figures (loss, samples, CD and time
 against steps, CD against steps per spacing).
 """
@@ -29,7 +30,7 @@ from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
 from atomic_write import atomic_write_text
 from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_denoises, check_eta, ddim_timesteps
-from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, dpm_solver_sample_loop
+from dpm_solver import SDE_SOLVER_ORDERS, SOLVER_ORDERS, SOLVER_SPACINGS, dpm_solver_sample_loop
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -38,6 +39,9 @@ NUM_EVAL_SAMPLES = 2048
 DDIM_STEPS = [10, 20, 50, 100, 1000]
 DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
 SOLVER_CALLS = [10, 20, 50]  # DPM-Solver++ rows: network calls
+# The few-step CD is a sum over points dominated by the few that land off the roll, so its draws
+# scatter widely; the few-step table, cheap next to the DDIM grid's 1000-step rows, takes more of them.
+SOLVER_DRAWS = 20
 # Sampling times are medians over --timing_rounds interleaved rounds (every sampler once per
 # round, so a change of machine load mid-run affects all alike); within a round a sampler with few
 # steps is called until MIN_TIMED_STEPS steps ran, since a single 10-step call is too short to time.
@@ -95,9 +99,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="DDIM sub-sequence of the steps x eta grid (leading is the course's); "
                              "every spacing is compared in a second table either way")
     parser.add_argument("--solver_orders", type=int, nargs="*", default=list(SOLVER_ORDERS), choices=SOLVER_ORDERS,
-                        help="DPM-Solver++ orders of the few-step table (see dpm_solver.py; none: no table)")
+                        help="DPM-Solver++ orders of the few-step table (see dpm_solver.py; none: no table); "
+                             "SDE-DPM-Solver++ rows take those of them up to 2")
     parser.add_argument("--solver_calls", type=int, nargs="+", default=SOLVER_CALLS,
                         help="network calls of the DPM-Solver++ rows (each spacing, each order)")
+    parser.add_argument("--solver_draws", type=int, default=SOLVER_DRAWS,
+                        help="draws of x_T per row of the few-step table (its mean and standard error)")
     parser.add_argument("--iterations", type=int, default=None,
                         help="override the recipe's number of training iterations (for quick checks)")
     parser.add_argument("--num_samples", type=int, default=NUM_EVAL_SAMPLES,
@@ -134,8 +141,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--iterations must be >= 1, got {args.iterations}")
     if args.num_samples < 1:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
-    if args.sampling_seeds < 1:
-        parser.error(f"--sampling_seeds must be >= 1, got {args.sampling_seeds}")
+    for flag, draws in (("--sampling_seeds", args.sampling_seeds), ("--solver_draws", args.solver_draws)):
+        if draws < 1:
+            parser.error(f"{flag} must be >= 1, got {draws}")
     if args.timing_rounds < 1:
         parser.error(f"--timing_rounds must be >= 1, got {args.timing_rounds}")
     earlier = [name for name in OUTPUTS if os.path.exists(os.path.join(args.out, name))]
@@ -306,21 +314,23 @@ def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bo
 
 
 def evaluate_dpm_solver(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True) -> List[dict]:
-    """CD of DPM-Solver++ for every (order, spacing, calls) over the draws of x_T that evaluate uses
-    (draw k seeded by args.seed + 1000 k: each row starts from the DDIM rows' x_T) -> the rows of
-    results["dpm_solver"]; "steps" counts network calls, and "cd" is the first draw's."""
+    """CD of DPM-Solver++ (ODE; "sde": False) and SDE-DPM-Solver++ ("sde": True) for every (order,
+    spacing, calls) over args.solver_draws draws of x_T, draw k seeded by args.seed + 1000 k as in
+    evaluate (its first draws are the DDIM rows' x_T) -> the rows of results["dpm_solver"]; "steps"
+    counts network calls, and "cd" is the first draw's. Order 1 is DDIM with eta 0 (ODE) or 1 (SDE)."""
     shape = tuple(reference.shape)
-    settings = [(order, spacing, calls) for order in args.solver_orders
+    settings = [(sde, order, spacing, calls) for sde in (False, True)
+                for order in args.solver_orders if not sde or order in SDE_SOLVER_ORDERS
                 for spacing in SOLVER_SPACINGS for calls in args.solver_calls]
     rows = []
-    for order, spacing, calls in tqdm(settings, desc="DPM-Solver++", disable=not progress):
+    for sde, order, spacing, calls in tqdm(settings, desc="DPM-Solver++", disable=not progress):
         cds = []
-        for draw in range(args.sampling_seeds):
+        for draw in range(args.solver_draws):
             torch.manual_seed(args.seed + 1000 * draw)
-            sample = dpm_solver_sample_loop(model, shape, calls, order, spacing).cpu()
+            sample = dpm_solver_sample_loop(model, shape, calls, order, spacing, stochastic=sde).cpu()
             cds.append(float(chamfer_distance(sample, reference)))
         mean, standard_error = mean_and_standard_error(cds)
-        rows.append({"order": order, "timestep_spacing": spacing, "steps": calls, "cd": cds[0],
+        rows.append({"sde": sde, "order": order, "timestep_spacing": spacing, "steps": calls, "cd": cds[0],
                      "cd_mean": mean, "cd_se": standard_error, "cds": cds})
     return rows
 
@@ -332,27 +342,30 @@ def format_cd(row: Optional[dict]) -> str:
     return f"{row['cd_mean']:.3f}" + ("" if row["cd_se"] is None else f" ± {row['cd_se']:.3f}")
 
 
-SOLVER_NAMES = {1: "DPM-Solver++ order 1 (= DDIM eta 0)", 2: "DPM-Solver++(2M)", 3: "DPM-Solver++(3M)"}
+def solver_name(sde: bool, order: int) -> str:
+    """'DPM-Solver++(2M)', 'SDE-DPM-Solver++(2M)', order 1 with the DDIM it equals."""
+    if order == 1:
+        return f"{'SDE-' if sde else ''}DPM-Solver++ order 1 (= DDIM eta {1 if sde else 0})"
+    return f"{'SDE-' if sde else ''}DPM-Solver++({order}M)"
 
 
 def dpm_solver_markdown(results: dict) -> str:
-    """The few-step table: calls x sampler x spacing, DDIM (eta 0 and 1) beside DPM-Solver++."""
-    solver = {(r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
-    ddim = {(r["eta"], r["timestep_spacing"], r["steps"]): r for r in results["spacings"]}
-    orders = sorted({r["order"] for r in results["dpm_solver"]})
-    lines = ["", f"**Few network calls: DPM-Solver++ against DDIM**, Chamfer distance, mean ± standard error "
-                 f"over {len(results['ddpm']['cds'])} draws of x_T (the same draws as above). DPM-Solver++ is "
-                 f"deterministic: eta does not apply. logsnr: timesteps evenly spaced in log-SNR (DPM-Solver++ only). "
+    """The few-step table: calls x sampler x spacing, DPM-Solver++ (ODE) and SDE-DPM-Solver++; their
+    order 1 is DDIM (eta 0 and 1), on the same timesteps and draws."""
+    rows = results["dpm_solver"]
+    solver = {(r["sde"], r["order"], r["timestep_spacing"], r["steps"]): r for r in rows}
+    samplers = sorted({(r["sde"], r["order"]) for r in rows})
+    lines = ["", f"**Few network calls: DPM-Solver++ and DDIM**, Chamfer distance, mean ± standard error "
+                 f"over {len(rows[0]['cds'])} draws of x_T (the first draws of the tables above). Order 1 of "
+                 f"the ODE solver is DDIM with eta 0, of the SDE solver DDIM with eta 1; eta does not apply "
+                 f"to the higher orders. logsnr: timesteps evenly spaced in log-SNR (the solvers only). "
                  f"DDPM (1000 calls): {format_cd(results['ddpm'])}; floor {results['floor_cd']:.3f}.",
              "", "| calls | sampler | " + " | ".join(SOLVER_SPACINGS) + " |",
              "|---|---|" + "---|" * len(SOLVER_SPACINGS)]
-    for calls in sorted({r["steps"] for r in results["dpm_solver"]}):
-        samplers = [(f"DDIM, eta {eta:g}", lambda spacing, eta=eta: ddim.get((eta, spacing, calls)))
-                    for eta in (0.0, 1.0)]
-        samplers += [(SOLVER_NAMES[order], lambda spacing, order=order: solver.get((order, spacing, calls)))
-                     for order in orders]
-        for name, row_of in samplers:
-            lines.append(f"| {calls} | {name} | " + " | ".join(format_cd(row_of(s)) for s in SOLVER_SPACINGS) + " |")
+    for calls in sorted({r["steps"] for r in rows}):
+        for sde, order in samplers:
+            cells = [format_cd(solver.get((sde, order, spacing, calls))) for spacing in SOLVER_SPACINGS]
+            lines.append(f"| {calls} | {solver_name(sde, order)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -540,24 +553,22 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
 
 
 def save_dpm_solver_figure(plt, out: str, results: dict) -> None:
-    """CD against network calls: DPM-Solver++ of every order on the quadratic and logsnr timesteps,
-    DDIM (eta 0 and 1) on the quadratic ones, DDPM and the floor."""
+    """CD against network calls on the quadratic timesteps: DPM-Solver++ and SDE-DPM-Solver++ of every
+    order (order 1: DDIM with eta 0 and 1), DDPM and the floor."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for eta, colour in ((0.0, "black"), (1.0, "gray")):
-        rows = sorted((r for r in results["spacings"] if r["timestep_spacing"] == "quadratic" and r["eta"] == eta),
-                      key=lambda r: r["steps"])
+    for sde, order in sorted({(r["sde"], r["order"]) for r in results["dpm_solver"]}):
+        rows = [r for r in results["dpm_solver"]
+                if (r["sde"], r["order"], r["timestep_spacing"]) == (sde, order, "quadratic")]
         ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
-                    color=colour, marker="s", capsize=3, label=f"DDIM eta {eta:g}, quadratic")
-    for order in sorted({r["order"] for r in results["dpm_solver"]}):
-        for spacing, style in (("quadratic", "-"), ("logsnr", "--")):
-            rows = [r for r in results["dpm_solver"] if r["order"] == order and r["timestep_spacing"] == spacing]
-            ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
-                        color=f"C{order}", linestyle=style, marker="o", capsize=3,
-                        label=f"DPM-Solver++ order {order}, {spacing}")
+                    color=f"C{order}", linestyle="--" if sde else "-", marker="s" if sde else "o", capsize=3,
+                    label=solver_name(sde, order))
     ax.axhline(results["ddpm"]["cd_mean"], color="black", linestyle=":", label="DDPM (1000 calls)")
     ax.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor")
     ax.set(xscale="log", yscale="log", xlabel="network calls", ylabel="Chamfer distance (mean ± SE)",
-           title=f"Few-step samplers ({results['recipe']} recipe, seed {results['seed']})")
+           title=f"Few-step samplers, quadratic timesteps ({results['recipe']} recipe, seed {results['seed']})")
+    calls = sorted({r["steps"] for r in results["dpm_solver"]})
+    ax.set_xticks(calls, labels=[str(c) for c in calls], minor=False)
+    ax.set_xticks([], minor=True)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

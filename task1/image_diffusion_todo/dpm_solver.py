@@ -25,6 +25,20 @@ by h (see multistep_update). The first steps lack history and use order 1, then 
 last step goes to sigma = 0, lambda = +inf, where only order 1 is defined and it returns D0: the
 clean sample. With lower_order_final, runs of fewer than 15 steps also take at most order 2 on the
 step before the last (diffusers' default; it steadies the few-step end).
+
+SDE-DPM-Solver++ (stochastic=True; diffusers' algorithm_type="sde-dpmsolver++") solves the reverse
+SDE instead of the ODE, with the same fits of x0_theta. Its exact solution from s to t adds fresh
+noise z ~ N(0, I) and pulls harder towards x0_theta:
+
+    x_t = (sigma_t / sigma_s) e^{-h} x_s + 2 alpha_t integral_{lambda_s}^{lambda_t} e^{-2 (lambda_t - lambda)} x0_theta dlambda
+          + sigma_t sqrt(1 - e^{-2h}) z
+
+    order 1:  x_t = (sigma_t / sigma_s0) e^{-h} x_s0 + alpha_t (1 - e^{-2h}) D0 + sigma_t sqrt(1 - e^{-2h}) z
+    order 2:  ... + 0.5 alpha_t (1 - e^{-2h}) D1
+
+Order 1 is DDIM with eta = 1 (both are DDPM's posterior step over the sub-sequence), as the ODE's
+order 1 is DDIM with eta = 0; orders 1 and 2 only, as diffusers. Noise is drawn at every step, the
+last included (where its weight is 0), after the network call: the draws of DDIM's eta > 0.
 """
 from typing import Optional
 
@@ -34,6 +48,7 @@ from scheduler import TIMESTEP_SPACINGS, BaseScheduler, Timestep, check_denoises
 
 SOLVER_SPACINGS = TIMESTEP_SPACINGS + ("logsnr",)
 SOLVER_ORDERS = (1, 2, 3)
+SDE_SOLVER_ORDERS = (1, 2)
 
 
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, num_steps: int) -> torch.Tensor:
@@ -87,12 +102,21 @@ def step_order(i: int, num_steps: int, order: int, lower_order_final: bool = Tru
     return k
 
 
-def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> torch.Tensor:
+def check_order(order: int, stochastic: bool) -> None:
+    """ValueError unless the ODE solver (orders 1-3) or the SDE solver (orders 1-2) has this order."""
+    orders = SDE_SOLVER_ORDERS if stochastic else SOLVER_ORDERS
+    if order not in orders:
+        raise ValueError(f"the {'SDE-' if stochastic else ''}DPM-Solver++ order must be one of {orders}, got {order}")
+
+
+def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor,
+                     noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One DPM-Solver++ step of order k = len(x0_preds) from s0 to t.
 
     x_s0: [B, ...] the sample at s0; x0_preds: the k newest predictions of x_0, oldest first
     [..., D(s1), D(s0)], each [B, ...]; alpha_bars: [k + 1] alpha_bar at s_{k-1}, ..., s1, s0 and t
-    (alpha_bar_t = 1: the clean sample) -> x_t: [B, ...].
+    (alpha_bar_t = 1: the clean sample); noise: [B, ...] the z of SDE-DPM-Solver++, None for the
+    ODE solver -> x_t: [B, ...].
     """
     if alpha_bars[-1] == 1:
         return x0_preds[-1]  # sigma_t = 0, alpha_t = 1, e^{-h} = 0: x_t = D0
@@ -100,9 +124,13 @@ def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> 
     lambda_ = alpha.log() - sigma.log()
     alpha_t, sigma_t, sigma_s0 = alpha[-1], sigma[-1], sigma[-2]
     h = lambda_[-1] - lambda_[-2]
-    phi_1 = torch.expm1(-h)
     D0 = x0_preds[-1]
-    x_t = (sigma_t / sigma_s0) * x_s0 - alpha_t * phi_1 * D0  # order 1: DDIM (eta = 0)
+    if noise is None:  # the ODE; order 1 is DDIM (eta = 0)
+        decay, weight = sigma_t / sigma_s0, -alpha_t * torch.expm1(-h)  # weight = -alpha_t phi_1
+        x_t = decay * x_s0 + weight * D0
+    else:  # the SDE; order 1 is DDIM (eta = 1)
+        decay, weight = sigma_t / sigma_s0 * torch.exp(-h), -alpha_t * torch.expm1(-2 * h)
+        x_t = decay * x_s0 + weight * D0 + sigma_t * (-torch.expm1(-2 * h)).sqrt() * noise
     if len(x0_preds) == 1:
         return x_t
     # r0 = h_0 / h, the previous step relative to this one; D1_0 ~ h * dD/dlambda at s0
@@ -110,20 +138,22 @@ def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor) -> 
     r0 = h_0 / h
     D1_0 = (D0 - x0_preds[-2]) / r0
     if len(x0_preds) == 2:
-        return x_t - 0.5 * alpha_t * phi_1 * D1_0  # Algorithm 2: D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1)
-    # order 3: a quadratic through the last three predictions, D1 ~ h D', D2 ~ h^2 D'' / 2
+        return x_t + 0.5 * weight * D1_0  # Algorithm 2: D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1)
+    # order 3 (the ODE only): a quadratic through the last three predictions, D1 ~ h D', D2 ~ h^2 D'' / 2
     h_1 = lambda_[-3] - lambda_[-4]
     r1 = h_1 / h
     D1_1 = (x0_preds[-2] - x0_preds[-3]) / r1
     D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
     D2 = (D1_0 - D1_1) / (r0 + r1)
+    phi_1 = torch.expm1(-h)
     phi_2 = phi_1 / h + 1
     phi_3 = phi_2 / h - 0.5
     return x_t + alpha_t * phi_2 * D1 - alpha_t * phi_3 * D2
 
 
 class DPMSolverScheduler(BaseScheduler):
-    """DPM-Solver++(order) on S = num_inference_timesteps network calls, for DiffusionModule.sample.
+    """DPM-Solver++(order) on S = num_inference_timesteps network calls, for DiffusionModule.sample;
+    SDE-DPM-Solver++ with stochastic=True.
 
     Multistep: step() keeps the predictions of x_0 of the last steps, so the steps of one sample
     must come in the order of `timesteps` (the first one starts afresh). Any predictor works: its
@@ -132,14 +162,14 @@ class DPMSolverScheduler(BaseScheduler):
 
     def __init__(self, num_train_timesteps: int, beta_1: float, beta_T: float, mode: str = "linear",
                  num_inference_timesteps: int = 20, order: int = 2, *, timestep_spacing: str = "quadratic",
-                 lower_order_final: bool = True):
+                 lower_order_final: bool = True, stochastic: bool = False):
         super().__init__(num_train_timesteps, beta_1, beta_T, mode)
-        if order not in SOLVER_ORDERS:
-            raise ValueError(f"the solver order must be one of {SOLVER_ORDERS}, got {order}")
+        check_order(order, stochastic)
         if timestep_spacing not in SOLVER_SPACINGS:
             raise ValueError(f"unknown timestep spacing {timestep_spacing!r}; "
                              f"choose one of {', '.join(SOLVER_SPACINGS)}")
         self.order, self.timestep_spacing, self.lower_order_final = order, timestep_spacing, lower_order_final
+        self.stochastic = stochastic
         self.set_inference_timesteps(num_inference_timesteps)
 
     def set_inference_timesteps(self, num_inference_timesteps: int):
@@ -153,7 +183,7 @@ class DPMSolverScheduler(BaseScheduler):
         """One solver step from t to the next timestep (the clean image after the last).
 
         x_t, net_out: [B, C, H, W]; t: timesteps[i] (int, 0-d tensor or [B] holding one value);
-        noise: unused (the solver is deterministic), taken so every scheduler steps alike.
+        noise: the z of SDE-DPM-Solver++ (drawn here when None); unused by the ODE solver.
         """
         t = single_timestep(t)
         index = (self.timesteps == t).nonzero()
@@ -169,6 +199,8 @@ class DPMSolverScheduler(BaseScheduler):
         alpha_bars = self.alphas_cumprod[used]
         if i == len(self.timesteps) - 1:
             alpha_bars = torch.cat([alpha_bars, torch.ones_like(alpha_bars[:1])])
-        x_prev = multistep_update(x_t, self.x0_preds[-k:], alpha_bars)
+        if self.stochastic and noise is None:
+            noise = torch.randn_like(x_t)
+        x_prev = multistep_update(x_t, self.x0_preds[-k:], alpha_bars, noise if self.stochastic else None)
         self.x0_preds, self.next_index = self.x0_preds[-(SOLVER_ORDERS[-1] - 1):], i + 1
         return x_prev

@@ -2,6 +2,7 @@
 
     python sampling.py --ckpt_path CKPT --save_dir SAVE_DIR --sample_method ddim --ddim_steps 50 --eta 0.0
     python sampling.py ... --sample_method dpm_solver --solver_order 2 --ddim_steps 10 --timestep_spacing quadratic
+    python sampling.py ... --sample_method sde_dpm_solver --solver_order 2 --ddim_steps 10 --timestep_spacing quadratic
     accelerate launch --num_processes 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
     torchrun --nproc_per_node 2 sampling.py --ckpt_path CKPT --save_dir SAVE_DIR ...
 
@@ -29,12 +30,13 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from atomic_write import atomic_write, atomic_write_text
 from cli import ArgumentParser, UsageError, flags, pick_device, run
 from dataset import tensor_to_pil_image
-from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, DPMSolverScheduler
+from dpm_solver import SDE_SOLVER_ORDERS, SOLVER_ORDERS, SOLVER_SPACINGS, DPMSolverScheduler
 from model import CheckpointError, DiffusionModule
 from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler, check_denoises, check_eta
 from tqdm import tqdm
 
 SUMMARY_FILE = "sampling.json"
+SOLVER_METHODS = {"dpm_solver": False, "sde_dpm_solver": True}  # --sample_method -> DPMSolverScheduler's stochastic
 ERRORS = (UsageError, CheckpointError, OSError)  # what the script reports as one line (cli.run)
 
 
@@ -67,8 +69,10 @@ def check_args(args):
         raise UsageError("--num_samples and --batch_size must be >= 1")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.timestep_spacing not in TIMESTEP_SPACINGS and args.sample_method != "dpm_solver":
-        raise UsageError(f"--timestep_spacing {args.timestep_spacing} is for --sample_method dpm_solver only; "
+    if args.sample_method == "sde_dpm_solver" and args.solver_order not in SDE_SOLVER_ORDERS:
+        raise UsageError(f"--solver_order {args.solver_order}: SDE-DPM-Solver++ has orders {SDE_SOLVER_ORDERS}")
+    if args.timestep_spacing not in TIMESTEP_SPACINGS and args.sample_method not in SOLVER_METHODS:
+        raise UsageError(f"--timestep_spacing {args.timestep_spacing} is for the DPM-Solver++ methods only; "
                          f"DDIM takes one of {', '.join(TIMESTEP_SPACINGS)}")
 
 
@@ -142,15 +146,16 @@ def load_diffusion(args) -> DiffusionModule:
     if args.use_ema:
         load_ema_weights(ddpm.network, checkpoint, args.ckpt_path)
     T = ddpm.var_scheduler.num_train_timesteps
-    if args.sample_method in ("ddim", "dpm_solver") and args.ddim_steps > T:
+    if args.sample_method != "ddpm" and args.ddim_steps > T:
         raise UsageError(f"--ddim_steps {args.ddim_steps} is more than the checkpoint's T = {T}")
     if args.use_cfg and not ddpm.network.use_cfg:
         raise UsageError(f"{args.ckpt_path} was not trained with --use_cfg: it cannot do classifier-free guidance")
     try:
-        if args.sample_method == "dpm_solver":
+        if args.sample_method in SOLVER_METHODS:
             schedule = {key: ddpm.var_scheduler.config[key] for key in ("num_train_timesteps", "beta_1", "beta_T", "mode")}
             ddpm.var_scheduler = DPMSolverScheduler(**schedule, num_inference_timesteps=args.ddim_steps,
-                                                    order=args.solver_order, timestep_spacing=args.timestep_spacing)
+                                                    order=args.solver_order, timestep_spacing=args.timestep_spacing,
+                                                    stochastic=SOLVER_METHODS[args.sample_method])
         else:
             ddpm.var_scheduler = build_scheduler(ddpm.var_scheduler.config, args.sample_method, args.ddim_steps,
                                                  args.eta, timestep_spacing=args.timestep_spacing)
@@ -236,7 +241,7 @@ def main(args):
             "sample_method": args.sample_method,
             "ddim_steps": args.ddim_steps,
             "eta": args.eta,
-            "solver_order": args.solver_order if args.sample_method == "dpm_solver" else None,
+            "solver_order": args.solver_order if args.sample_method in SOLVER_METHODS else None,
             "timestep_spacing": args.timestep_spacing,
             "num_samples": args.num_samples,
             "seed": args.seed,
@@ -258,17 +263,19 @@ def parse_args(argv=None):
     parser.add_argument("--ckpt_path", required=True,
                         help="checkpoint: last.ckpt written by train.py, or a course (Lab-1) checkpoint")
     parser.add_argument("--save_dir", required=True, help="output folder for {i}.png and sampling.json")
-    parser.add_argument("--sample_method", choices=("ddpm", "ddim", "dpm_solver"), default="ddpm",
-                        help="ddpm: all T steps; ddim: --ddim_steps steps with stochasticity --eta; dpm_solver: "
-                             "DPM-Solver++ of order --solver_order with --ddim_steps network calls (eta unused)")
+    parser.add_argument("--sample_method", choices=("ddpm", "ddim", *SOLVER_METHODS), default="ddpm",
+                        help="ddpm: all T steps; ddim: --ddim_steps steps with stochasticity --eta; dpm_solver, "
+                             "sde_dpm_solver: DPM-Solver++ (ODE) or SDE-DPM-Solver++ of order --solver_order with "
+                             "--ddim_steps network calls (eta unused)")
     parser.add_argument("--ddim_steps", type=int, default=50,
                         help="number of DDIM steps, or of DPM-Solver++ network calls (1..T)")
     parser.add_argument("--solver_order", type=int, choices=SOLVER_ORDERS, default=2,
-                        help="DPM-Solver++ order (1 is DDIM with eta 0; 2 is DPM-Solver++(2M))")
+                        help="DPM-Solver++ order (1 is DDIM with eta 0, for the SDE eta 1; 2 is DPM-Solver++(2M); "
+                             "the SDE solver takes 1 or 2)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic, 1 DDPM-like noise")
     parser.add_argument("--timestep_spacing", choices=SOLVER_SPACINGS, default="leading",
                         help="which timesteps (see scheduler.ddim_sub_sequence); leading is the course's; "
-                             "dpm_solver also takes logsnr (evenly spaced in log-SNR)")
+                             "the DPM-Solver++ methods also take logsnr (evenly spaced in log-SNR)")
     parser.add_argument("--predictor", choices=PREDICTORS, default=None,
                         help="what the network predicts (course default: noise)")
     parser.add_argument("--mode", choices=SCHEDULES, default=None, help="beta schedule (course default: linear)")

@@ -16,7 +16,8 @@ are computed once): FID, and KID with its (jackknife) standard error. It writes
     OUT_DIR/grids/<setting>.png  the first 64 samples of every setting (real.png: real images)
 
 --dpm_solver_steps adds DPM-Solver++ rows (dpm_solver.py; --dpm_solver_orders, --dpm_solver_spacings),
-each compared with DDIM eta 0 at the same steps and spacing; --skip_ddpm leaves out the slow DDPM row.
+each compared with DDIM eta 0 at the same steps and spacing; --dpm_solver_sde adds SDE-DPM-Solver++
+rows too, compared with DDIM eta 1; --skip_ddpm leaves out the slow DDPM row.
 --floor_dir adds FID and KID of real images against real images (e.g. the training split
 against GT_DIR) at the same number of images: where a perfect model would land at this sample
 size. --num_gt N measures against N evenly spaced images of GT_DIR (sorted, so every class
@@ -51,7 +52,7 @@ from fid import measure_fid
 from model import CheckpointError, DiffusionModule
 import sampling
 from PIL import Image
-from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS
+from dpm_solver import SDE_SOLVER_ORDERS, SOLVER_ORDERS, SOLVER_SPACINGS
 from scheduler import TIMESTEP_SPACINGS, check_eta
 
 matplotlib.use("Agg")
@@ -71,8 +72,8 @@ class GridError(Exception):
 
 
 class Setting(NamedTuple):
-    """One sampler: DDPM (steps = T, eta and spacing unused), DDIM, or DPM-Solver++ (dpm_solver:
-    steps = network calls, of order `order`; eta unused)."""
+    """One sampler: DDPM (steps = T, eta and spacing unused), DDIM, or DPM-Solver++ (dpm_solver,
+    sde_dpm_solver: steps = network calls, of order `order`; eta unused)."""
     method: str
     steps: int
     eta: float = 1.0
@@ -83,20 +84,23 @@ class Setting(NamedTuple):
     def name(self):
         if self.method == "ddpm":
             return "ddpm"
-        if self.method == "dpm_solver":
-            return f"dpm_solver{self.order}_{self.spacing}_steps{self.steps}"
+        if self.method in sampling.SOLVER_METHODS:
+            return f"{self.method}{self.order}_{self.spacing}_steps{self.steps}"
         spacing = "" if self.spacing == COURSE_SPACING else f"_{self.spacing}"
         return f"ddim{spacing}_steps{self.steps}_eta{self.eta:g}"
 
 
 def grid_settings(T, args):
     """DDPM, the main DDIM grid (--etas x --ddim_steps), then every extra spacing at --etas x
-    --extra_steps, then DPM-Solver++ (--dpm_solver_orders x spacings x steps): the order of the tables."""
+    --extra_steps, then DPM-Solver++ (--dpm_solver_orders x spacings x steps) and with --dpm_solver_sde
+    SDE-DPM-Solver++ (those orders up to 2): the order of the tables."""
     settings = [] if args.skip_ddpm else [Setting("ddpm", T)]
     settings += [Setting("ddim", s, e, args.timestep_spacing) for e in args.etas for s in args.ddim_steps]
     settings += [Setting("ddim", s, e, spacing) for spacing in args.extra_spacings
                  for e in args.etas for s in args.extra_steps]
-    settings += [Setting("dpm_solver", s, spacing=spacing, order=order) for order in args.dpm_solver_orders
+    methods = ["dpm_solver", "sde_dpm_solver"] if args.dpm_solver_sde else ["dpm_solver"]
+    settings += [Setting(method, s, spacing=spacing, order=order) for method in methods
+                 for order in args.dpm_solver_orders if method == "dpm_solver" or order in SDE_SOLVER_ORDERS
                  for spacing in args.dpm_solver_spacings for s in args.dpm_solver_steps]
     return settings
 
@@ -139,7 +143,7 @@ def sample(args, setting, save_dir, checkpoint):
            "sample_method": setting.method, "ddim_steps": setting.steps, "eta": setting.eta,
            "timestep_spacing": setting.spacing, "use_ema": args.use_ema,
            "num_samples": args.num_samples, "batch_size": args.batch_size, "seed": args.seed}
-    if setting.method == "dpm_solver":
+    if setting.method in sampling.SOLVER_METHODS:
         key["solver_order"] = setting.order
     expected = {sampling.image_path(save_dir, i).name for i in range(args.num_samples)}
     expected |= {sampling.SUMMARY_FILE, SETTING_FILE}
@@ -193,8 +197,8 @@ def measure_all(args, settings, out, checkpoint, scorer, reference):
                "seconds": summary["seconds"]}
         if setting.method == "ddim":
             row.update(eta=setting.eta, spacing=setting.spacing)
-        if setting.method == "dpm_solver":
-            row.update(order=setting.order, spacing=setting.spacing)
+        if setting.method in sampling.SOLVER_METHODS:
+            row.update(sde=sampling.SOLVER_METHODS[setting.method], order=setting.order, spacing=setting.spacing)
         print(f"[{setting.name}] FID {row['fid']:.3f}, KID {format_kid(row)}, "
               f"{row['seconds']:.1f} s of sampling", flush=True)
         return row
@@ -241,7 +245,9 @@ def comparisons(results):
     """The contrasts a reader of the table asks about, as KID differences in standard errors:
     DDPM against the floor and against DDIM(S = T, eta = 1) (the same process), fewest against
     most steps for every eta, eta 0 against eta 1 at the fewest steps, every extra spacing against
-    the main one at the same steps and eta 0 -> [{"a", "b", "kid_difference", "se", "z"}], a minus b.
+    the main one at the same steps and eta 0, every solver row against its order 1 (DDIM eta 0, for
+    the SDE eta 1) on the same timesteps, and every solver at its fewest against its most calls
+    -> [{"a", "b", "kid_difference", "se", "z"}], a minus b.
 
     se = sqrt(se_a^2 + se_b^2). Both KIDs are measured against the same real images and from the
     same seed's x_T, which correlates their errors positively: the true error of the difference is
@@ -269,10 +275,18 @@ def comparisons(results):
             if (main, s, etas[0]) in ddim:
                 pairs.append((name(spacing, s, etas[0]), ddim[(spacing, s, etas[0])],
                               name(main, s, etas[0]), ddim[(main, s, etas[0])]))
-    for row in results.get("dpm_solver", []):  # against deterministic DDIM on the same timesteps
-        if (row["spacing"], row["steps"], 0.0) in ddim:
-            pairs.append((solver_name(row), row, name(row["spacing"], row["steps"], 0.0),
-                          ddim[(row["spacing"], row["steps"], 0.0)]))
+    for row in results.get("dpm_solver", []):  # against the solver's order 1 on the same timesteps
+        eta = 1.0 if row["sde"] else 0.0
+        if (row["spacing"], row["steps"], eta) in ddim:
+            pairs.append((solver_name(row), row, name(row["spacing"], row["steps"], eta),
+                          ddim[(row["spacing"], row["steps"], eta)]))
+    solvers = {}
+    for row in results.get("dpm_solver", []):
+        solvers.setdefault(solver_label(row), []).append(row)
+    for rows in solvers.values():
+        if len(rows) > 1:
+            fewest, most = min(rows, key=lambda r: r["steps"]), max(rows, key=lambda r: r["steps"])
+            pairs.append((solver_name(fewest), fewest, solver_name(most), most))
     rows = []
     for a, row_a, b, row_b in pairs:
         difference = row_a["kid"] - row_b["kid"]
@@ -281,20 +295,30 @@ def comparisons(results):
     return rows
 
 
+def solver_method(row):
+    """'DPM-Solver++(2M)' or 'SDE-DPM-Solver++(2M)' for a results["dpm_solver"] row."""
+    return f"{'SDE-' if row['sde'] else ''}DPM-Solver++({row['order']}M)"
+
+
+def solver_label(row):
+    """'DPM-Solver++(2M), quadratic': the row's sampler and timesteps."""
+    return f"{solver_method(row)}, {row['spacing']}"
+
+
 def solver_name(row):
-    """'DPM-Solver++(2M) 10 calls, quadratic' for a results["dpm_solver"] row."""
-    return f"DPM-Solver++({row['order']}M) {row['steps']} calls, {row['spacing']}"
+    """'DPM-Solver++(2M) 10 calls, quadratic': the row's sampler, calls and timesteps."""
+    return f"{solver_method(row)} {row['steps']} calls, {row['spacing']}"
 
 
 def dpm_solver_table(rows, cell):
-    """Markdown table of DPM-Solver++ rows: one row per (order, spacing), columns the calls."""
+    """Markdown table of DPM-Solver++ rows: one row per (sampler, spacing), columns the calls."""
     calls = sorted({r["steps"] for r in rows})
-    lookup = {(r["order"], r["spacing"], r["steps"]): r for r in rows}
-    lines = ["| order, spacing \\ network calls | " + " | ".join(map(str, calls)) + " |",
+    lookup = {(solver_label(r), r["steps"]): r for r in rows}
+    lines = ["| sampler, spacing \\ network calls | " + " | ".join(map(str, calls)) + " |",
              "|" + "---|" * (len(calls) + 1)]
-    for order, spacing in sorted({(r["order"], r["spacing"]) for r in rows}):
-        cells = [cell(lookup[(order, spacing, n)]) if (order, spacing, n) in lookup else "-" for n in calls]
-        lines.append(f"| {order}, {spacing} | " + " | ".join(cells) + " |")
+    for label in dict.fromkeys(solver_label(r) for r in rows):
+        cells = [cell(lookup[(label, n)]) if (label, n) in lookup else "-" for n in calls]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -304,7 +328,7 @@ def comparisons_markdown(rows):
         verdict = ("unresolved" if abs(row["z"]) < RESOLVED_Z
                    else f"{'B' if row['z'] > 0 else 'A'} lower")
         lines.append(f"| {row['a']} | {row['b']} | {KID_SCALE * row['kid_difference']:.2f} +- "
-                     f"{KID_SCALE * row['se']:.2f} | {row['z']:.1f} | {verdict} |")
+                     f"{KID_SCALE * row['se']:.2f} | {row['z']:.2f} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -332,7 +356,8 @@ def results_markdown(results):
     for spacing, table in spacing_tables(results, fid_kid):
         lines += ["", f"DDIM, {spacing} timesteps:", "", table]
     if results.get("dpm_solver"):
-        lines += ["", "DPM-Solver++ (deterministic: eta does not apply; steps = network calls):", "",
+        lines += ["", "DPM-Solver++ (the ODE solver; SDE-: the SDE solver; eta does not apply; steps = network "
+                      "calls):", "",
                   dpm_solver_table(results["dpm_solver"], fid_kid)]
     lines += ["", "## What the table resolves", "",
               f"KID differences with their standard errors (z = difference / SE); |z| < "
@@ -368,10 +393,10 @@ def plot(results, path):
             draw([r for r in results["ddim"] if r["eta"] == eta and r["spacing"] == spacing],
                  marker="o", color=colours[i % len(colours)], linestyle="-" if spacing == spacings[0] else "--",
                  label=f"DDIM {spacing}, eta={eta:g}")
-    solvers = sorted({(r["order"], r["spacing"]) for r in results.get("dpm_solver", [])})
-    for i, (order, spacing) in enumerate(solvers, start=len(results["etas"])):
-        draw([r for r in results["dpm_solver"] if (r["order"], r["spacing"]) == (order, spacing)],
-             marker="^", color=colours[i % len(colours)], linestyle=":", label=f"DPM-Solver++({order}M), {spacing}")
+    solvers = list(dict.fromkeys(solver_label(r) for r in results.get("dpm_solver", [])))
+    for i, label in enumerate(solvers, start=len(results["etas"])):
+        draw([r for r in results["dpm_solver"] if solver_label(r) == label],
+             marker="^", color=colours[i % len(colours)], linestyle=":", label=label)
     ddpm, floor = results["ddpm"], results.get("floor")
     star = dict(marker="*", s=150, color="black", zorder=3, label="DDPM")
     if ddpm is not None:
@@ -405,7 +430,7 @@ def write_results(results, out):
      "extra_steps": [int], "floor": score | null, "floor_dir": str | null,
      "ddpm": {"steps": int, **score, "seconds": float} | null (--skip_ddpm),
      "ddim": [{"steps": int, "eta": float, "spacing": str, **score, "seconds": float}, ...],
-     "dpm_solver": [{"order": int, "spacing": str, "steps": int, **score, "seconds": float}, ...],
+     "dpm_solver": [{"sde": bool, "order": int, "spacing": str, "steps": int, **score, "seconds": float}, ...],
      "wall_seconds": {"real_features": float, "sampling_and_scoring": float},
      "comparisons": comparisons(results)}
 
@@ -460,7 +485,7 @@ def run_grid(args):
         "timestep_spacing": args.timestep_spacing, "extra_spacings": list(args.extra_spacings),
         "extra_steps": list(args.extra_steps), "floor": floor, "floor_dir": relative(args.floor_dir),
         "ddpm": rows.get("ddpm"), "ddim": [rows[s.name] for s in settings if s.method == "ddim"],
-        "dpm_solver": [rows[s.name] for s in settings if s.method == "dpm_solver"],
+        "dpm_solver": [rows[s.name] for s in settings if s.method in sampling.SOLVER_METHODS],
         "wall_seconds": {"real_features": real_seconds, "sampling_and_scoring": time.time() - start},
     }
     return write_results(results, out)
@@ -495,6 +520,9 @@ def build_parser():
                         help="DPM-Solver++ orders of those rows")
     parser.add_argument("--dpm_solver_spacings", choices=SOLVER_SPACINGS, nargs="+", default=["quadratic"],
                         help="timestep spacings of those rows")
+    parser.add_argument("--dpm_solver_sde", action="store_true",
+                        help="SDE-DPM-Solver++ rows too (--sample_method sde_dpm_solver; the orders up to 2), each "
+                             "compared with DDIM eta 1 on the same timesteps")
     parser.add_argument("--skip_ddpm", action="store_true",
                         help="leave out DDPM (all T steps, the grid's slowest row), e.g. to add a few rows")
     parser.add_argument("--jobs", type=int, default=1,

@@ -12,11 +12,12 @@ repository builds; everything else is the course's pipeline, run through its own
                 validation accuracy is reported.
  3. unet        ``train.py --data_root``: a reduced UNet (flags only), T = 1000.
  4. grid        ``experiments/fid_grid.py``: ``sampling.py`` for DDPM, DDIM steps x eta, the
-                quadratic-spacing rows and DPM-Solver++(2M); FID and KID +- SE of each against
+                quadratic-spacing rows, DPM-Solver++(2M) and SDE-DPM-Solver++(2M); FID and KID +- SE of each against
                 the validation split; the floor (train split against the same validation images);
                 tables and figure.
  5. few_step    fid_grid again, into OUT/few_step/, for the cheap few-step rows only (DDIM and
-                DPM-Solver++(2M) at 10 and 20 calls on the quadratic timesteps) at N = 2000.
+                DPM-Solver++(2M) and SDE-DPM-Solver++(2M) at 10 and 20 calls on the quadratic timesteps)
+                at N = 2000.
 
 Stages 2 and 3 are independent and run at the same time, one process each (--jobs 2); the
 grid samples and scores --jobs settings at once. Everything goes to OUT: data/, fid/, unet/,
@@ -24,9 +25,9 @@ samples/, grids/, results.json, results.md, fid_vs_steps.png, few_step/, stages.
 many real images as generated ones, the floor included, because FID is biased at small N.
 
 ``FULL`` below is sized for 1-1.5 hours on 2 CPU cores: every image of the grid costs
-1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) + (10 + 20 + 50) = 6120 network
-evaluations (DDPM, the DDIM grid, its quadratic rows, DPM-Solver++(2M) on the quadratic timesteps),
-one of the few-step stage 2 x (10 + 20) + (10 + 20) = 90.
+1000 + 4 x (10 + 20 + 50 + 100 + 1000) + 4 x (10 + 20 + 50) + 2 x (10 + 20 + 50) = 6200 network
+evaluations (DDPM, the DDIM grid, its quadratic rows, the two solvers on the quadratic timesteps),
+one of the few-step stage 2 x (10 + 20) + 2 x (10 + 20) = 120.
 --quick shrinks everything so the pipeline runs end to end in a minute or two (for tests).
 A stage recorded as done in OUT/stages.json with the same settings is reused, so a run that
 was interrupted continues; delete OUT to start afresh.
@@ -66,12 +67,13 @@ FULL = dict(
     grid=dict(num_samples=150, batch_size=150, ddim_steps=list(fid_grid.COURSE_DDIM_STEPS),
               etas=list(fid_grid.COURSE_ETAS), extra_spacings=["quadratic"], extra_steps=[10, 20, 50],
               dpm_solver_steps=[10, 20, 50], dpm_solver_orders=[2], dpm_solver_spacings=["quadratic"],
-              use_ema=True, fid_img_size=75),
+              dpm_solver_sde=True, use_ema=True, fid_img_size=75),
     # The few-step samplers again at N = 2000, where their samples are cheap and KID's standard
     # error small enough to tell DPM-Solver++ from DDIM on the same timesteps.
     few_step=dict(num_samples=2000, batch_size=250, ddim_steps=[10, 20], etas=[0.0, 1.0],
                   timestep_spacing="quadratic", dpm_solver_steps=[10, 20], dpm_solver_orders=[2],
-                  dpm_solver_spacings=["quadratic"], skip_ddpm=True, use_ema=True, fid_img_size=75),
+                  dpm_solver_spacings=["quadratic"], dpm_solver_sde=True, skip_ddpm=True, use_ema=True,
+                  fid_img_size=75),
 )
 # --quick: every stage runs, on tiny sizes (T = 20 so that DDPM and DDIM with S = T are cheap).
 QUICK = dict(
@@ -82,9 +84,9 @@ QUICK = dict(
               num_diffusion_train_timesteps=20, ema_decay=0.9),
     grid=dict(num_samples=8, batch_size=8, ddim_steps=[5], etas=[0.5], extra_spacings=["quadratic"],
               extra_steps=[4], use_ema=True, fid_img_size=75),
-    few_step=dict(num_samples=6, batch_size=6, ddim_steps=[4], etas=[0.0], timestep_spacing="quadratic",
+    few_step=dict(num_samples=6, batch_size=6, ddim_steps=[4], etas=[0.0, 1.0], timestep_spacing="quadratic",
                   dpm_solver_steps=[4], dpm_solver_orders=[2], dpm_solver_spacings=["quadratic"],
-                  skip_ddpm=True, use_ema=True, fid_img_size=75),
+                  dpm_solver_sde=True, skip_ddpm=True, use_ema=True, fid_img_size=75),
 )
 
 
