@@ -564,7 +564,8 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     out = tmp_path / "out"
     result = run_experiment("--recipe", "course", "--seed", "0", "--out", str(out), "--iterations", "300",
                             "--ddim_steps", "10", "20", "--etas", "0", "1", "--num_samples", "256",
-                            "--timestep_spacing", "quadratic", "--timing_rounds", "1")
+                            "--timestep_spacing", "quadratic", "--timing_rounds", "1", "--solver_calls", "10", "20",
+                            "--solver_draws", "4")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     # DESIGN.md's schema, plus the fields added since.
@@ -589,13 +590,18 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
         assert len(row["cds"]) == 3 and row["cds"][0] == row["cd"] and len(set(row["cds"])) == 3
         assert row["cd_mean"] == pytest.approx(np.mean(row["cds"]))
         assert row["cd_se"] == pytest.approx(np.std(row["cds"], ddof=1) / np.sqrt(3))
-    # DPM-Solver++: every order, spacing and number of calls, from the same draws of x_T (order 1 is
-    # DDIM with eta 0 up to float32 rounding, so its CDs are the DDIM rows')
-    solver = {(r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
-    assert set(solver) == {(o, s, n) for o in (1, 2, 3) for s in (*spacings, "logsnr") for n in (10, 20, 50)}
-    for spacing in spacings:
-        for n in (10, 20):
-            np.testing.assert_allclose(solver[(1, spacing, n)]["cds"], spacing_cds[(spacing, n, 0.0)], rtol=1e-3)
+    # DPM-Solver++ (orders 1-3) and SDE-DPM-Solver++ (1-2): every spacing and number of calls, over
+    # --solver_draws draws whose first ones are the DDIM rows' (order 1 is DDIM with eta 0, for the SDE
+    # eta 1, up to float32 rounding, so its first CDs are the DDIM rows')
+    solver = {(r["sde"], r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
+    assert set(solver) == {(sde, o, s, n) for sde, orders in ((False, (1, 2, 3)), (True, (1, 2))) for o in orders
+                           for s in (*spacings, "logsnr") for n in (10, 20)}
+    assert all(len(row["cds"]) == 4 and row["cds"][0] == row["cd"] for row in results["dpm_solver"])
+    for sde, eta in ((False, 0.0), (True, 1.0)):
+        for spacing in spacings:
+            for n in (10, 20):
+                np.testing.assert_allclose(solver[(sde, 1, spacing, n)]["cds"][:3], spacing_cds[(spacing, n, eta)],
+                                           rtol=1e-3)
     for name in ("results.md", "loss.png", "samples.png", "cd_time_vs_steps.png", "cd_vs_steps_by_spacing.png",
                  "samples_by_spacing.png", "cd_vs_calls_dpm_solver.png", "model.ckpt"):
         assert (out / name).stat().st_size > 0
