@@ -204,49 +204,31 @@ def test_logsnr_timesteps_are_distinct_where_diffusers_repeats_one(image, num_st
 
 
 @pytest.mark.parametrize("spacing", SPACINGS[:4])
-def test_order_one_is_ddim_eta_zero_2d(two_d, spacing):
-    ddpm, dpm_solver = two_d
-    network, x_T = TimeDependentNet(), x_T_for("2d")
-    module = two_d_module(ddpm, network)
-    ddim = x_T.clone()
-    for t, t_prev in zip(*ddpm.ddim_timesteps(T, 10, spacing)):
-        ddim = module.ddim_p_sample(ddim, t, t_prev, eta=0.0)
-    solver = dpm_solver.dpm_solver_sample_loop(module, x_T.shape, 10, 1, spacing, x_T=x_T.clone())
-    torch.testing.assert_close(solver, ddim, atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("spacing", SPACINGS[:4])
-@pytest.mark.parametrize("predictor", ["noise", "x0", "mean"])
-def test_order_one_is_ddim_eta_zero_image(image, spacing, predictor):
-    scheduler, dpm_solver = image
-    network, x_T = (PosteriorMeanNet() if predictor == "mean" else TimeDependentNet()), x_T_for("image")
-    ddim = scheduler.DDIMScheduler(T, 1e-4, 0.02, "linear", 10, 0.0, timestep_spacing=spacing).double()
-    torch.testing.assert_close(image_trajectory(image_solver(dpm_solver, 10, 1, spacing), x_T, network, predictor),
-                               image_trajectory(ddim, x_T, network, predictor), atol=1e-10, rtol=0)
-
-
-@pytest.mark.parametrize("spacing", SPACINGS[:4])
-def test_sde_order_one_is_ddim_eta_one_2d(two_d, spacing):
-    """On the same draws: ddim_p_sample_loop's eta = 1 steps draw their noise as the SDE solver does."""
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_order_one_is_ddim_2d(two_d, spacing, stochastic):
+    """Order 1 is DDIM with eta 0, for the SDE solver eta 1 on the same draws (ddim_p_sample's eta = 1
+    steps draw their noise as the SDE solver does)."""
     ddpm, _ = two_d
     network, x_T = TimeDependentNet(), x_T_for("2d")
     module = two_d_module(ddpm, network)
     torch.manual_seed(NOISE_SEED)
     ddim = x_T.clone()
     for t, t_prev in zip(*ddpm.ddim_timesteps(T, 10, spacing)):
-        ddim = module.ddim_p_sample(ddim, t, t_prev, eta=1.0)
-    solver = solver_run("2d", two_d, None, x_T, network, 10, 1, spacing, "noise", stochastic=True)
+        ddim = module.ddim_p_sample(ddim, t, t_prev, eta=float(stochastic))
+    solver = solver_run("2d", two_d, None, x_T, network, 10, 1, spacing, "noise", stochastic=stochastic)
     torch.testing.assert_close(solver, ddim, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS[:4])
 @pytest.mark.parametrize("predictor", ["noise", "x0", "mean"])
-def test_sde_order_one_is_ddim_eta_one_image(image, spacing, predictor):
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_order_one_is_ddim_image(image, spacing, predictor, stochastic):
+    """As in 2D: DDIM with eta 0, or with eta 1 for the SDE solver, on the same noise."""
     scheduler, dpm_solver = image
     network, x_T = (PosteriorMeanNet() if predictor == "mean" else TimeDependentNet()), x_T_for("image")
     noises = step_noises(x_T, 10)
-    ddim = scheduler.DDIMScheduler(T, 1e-4, 0.02, "linear", 10, 1.0, timestep_spacing=spacing).double()
-    solver = image_solver(dpm_solver, 10, 1, spacing, stochastic=True)
+    ddim = scheduler.DDIMScheduler(T, 1e-4, 0.02, "linear", 10, float(stochastic), timestep_spacing=spacing).double()
+    solver = image_solver(dpm_solver, 10, 1, spacing, stochastic=stochastic)
     torch.testing.assert_close(image_trajectory(solver, x_T, network, predictor, noises),
                                image_trajectory(ddim, x_T, network, predictor, noises), atol=1e-10, rtol=0)
 
