@@ -212,11 +212,11 @@ def dpm_solver_2d():
                          for sde, order in ((False, 1), (True, 1), (False, 2), (False, 3), (True, 2))}
             best = min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
             sde2 = quadratic[(True, 2)]
-            rows.append([label, calls, *map(cell, quadratic.values()),
+            rows.append([label, calls, len(sde2["cds"]), *map(cell, quadratic.values()),
                          f"{cell(best)} ({solver_2d_name(best)}, {best['timestep_spacing']})",
                          f"{z_score(sde2, quadratic[(False, 2)]):+.1f}", f"{z_score(sde2, quadratic[(True, 1)]):+.1f}"])
-    return table(["run", "calls", "DDIM eta 0", "DDIM eta 1", "2M", "3M", "SDE-2M", "best row (sampler, spacing)",
-                  "z SDE-2M vs 2M", "z SDE-2M vs eta 1"], rows)
+    return table(["run", "calls", "draws", "DDIM eta 0", "DDIM eta 1", "2M", "3M", "SDE-2M",
+                  "best row (sampler, spacing)", "z SDE-2M vs 2M", "z SDE-2M vs eta 1"], rows)
 
 
 FEW_STEP_GOAL = {10: 2.0, 20: 0.6}  # CD bounds at 10 and 20 network calls, improved recipe, seed 0

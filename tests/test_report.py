@@ -236,13 +236,13 @@ def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
     quadratic = {(False, 1): (50.0, 2.0), (True, 1): (40.0, 3.0), (False, 2): (30.0, 1.0), (False, 3): (35.0, 1.5),
                  (True, 2): (20.0, 2.0)}
     run["dpm_solver"] = [{"sde": sde, "order": order, "timestep_spacing": "quadratic", "steps": 10, "cd_mean": mean,
-                          "cd_se": se} for (sde, order), (mean, se) in quadratic.items()]
+                          "cd_se": se, "cds": [mean] * 7} for (sde, order), (mean, se) in quadratic.items()]
     run["dpm_solver"].append({"sde": False, "order": 3, "timestep_spacing": "trailing", "steps": 10,
-                              "cd_mean": 12.345, "cd_se": 0.5})
+                              "cd_mean": 12.345, "cd_se": 0.5, "cds": [12.345] * 7})
     (tmp_path / "results_2d_course.json").write_text(json.dumps(run))
     line = next(line for line in build.dpm_solver_2d().splitlines() if line.startswith("| course, seed 0 | 10 |"))
     # z = (20 - 30) / sqrt(2^2 + 1^2) and (20 - 40) / sqrt(2^2 + 3^2)
-    assert line == ("| course, seed 0 | 10 | 50.00 ± 2.00 | 40.00 ± 3.00 | 30.00 ± 1.00 | 35.00 ± 1.50 | "
+    assert line == ("| course, seed 0 | 10 | 7 | 50.00 ± 2.00 | 40.00 ± 3.00 | 30.00 ± 1.00 | 35.00 ± 1.50 | "
                     "20.00 ± 2.00 | 12.35 ± 0.50 (3M, trailing) | -4.5 | -5.5 |")
 
 
