@@ -140,7 +140,8 @@ def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor,
     r0 = h_0 / h
     D1_0 = (D0 - x0_preds[-2]) / r0
     if len(x0_preds) == 2:
-        return x_t + 0.5 * weight * D1_0  # Algorithm 2: D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1)
+        # the midpoint form, for both: Algorithm 2's D = (1 + 1/(2 r)) D(s0) - 1/(2 r) D(s1) for the ODE
+        return x_t + 0.5 * weight * D1_0
     # order 3 (the ODE only): a quadratic through the last three predictions, D1 ~ h D', D2 ~ h^2 D'' / 2
     h_1 = lambda_[-3] - lambda_[-4]
     r1 = h_1 / h
