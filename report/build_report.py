@@ -241,25 +241,23 @@ def dpm_solver_2d_goal(seed):
 
 def dpm_solver_2d_verdict():
     """Whether those rows meet FEW_STEP_GOAL: met (missed) when the bound lies 2 standard errors or more
-    above (below) the mean, unresolved in between."""
-    def against_goal(seed):
+    above (below) the mean, unresolved in between; seed 0, then seed 1 when it was run."""
+    openings = {0: f"Against the few-step goal (CD <= {FEW_STEP_GOAL[10]:g} at 10 calls and <= "
+                   f"{FEW_STEP_GOAL[20]:g} at 20, seed 0)",
+                1: "The same bounds on seed 1"}
+    sentences = []
+    for seed, opening in openings.items():
         rows = few_step_goal_rows(seed)
+        if rows is None:
+            break
         parts = []
         for calls, bound in FEW_STEP_GOAL.items():
-            row = rows[calls]
-            z = (bound - row["cd_mean"]) / row["cd_se"]
+            z = (bound - rows[calls]["cd_mean"]) / rows[calls]["cd_se"]
             verdict = "met" if z >= 2 else "missed" if z <= -2 else "unresolved"
             parts.append(f"{calls} calls {verdict} (the bound {bound:g} is {abs(z):.1f} SE "
                          f"{'above' if z >= 0 else 'below'} the mean)")
-        return "; ".join(parts)
-
-    if few_step_goal_rows(0) is None:
-        return ""
-    text = (f"Against the few-step goal (CD <= {FEW_STEP_GOAL[10]:g} at 10 calls and <= {FEW_STEP_GOAL[20]:g} "
-            f"at 20, seed 0): {against_goal(0)}.")
-    if few_step_goal_rows(1) is not None:
-        text += f" The same bounds on seed 1: {against_goal(1)}."
-    return text
+        sentences.append(f"{opening}: {'; '.join(parts)}.")
+    return " ".join(sentences)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
 from atomic_write import atomic_write_text
 from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_denoises, check_eta, ddim_timesteps
-from dpm_solver import SDE_SOLVER_ORDERS, SOLVER_ORDERS, SOLVER_SPACINGS, dpm_solver_sample_loop
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, dpm_solver_sample_loop, solver_orders
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -320,7 +320,7 @@ def evaluate_dpm_solver(model: DiffusionModule, reference: torch.Tensor, args, p
     counts network calls, and "cd" is the first draw's. Order 1 is DDIM with eta 0 (ODE) or 1 (SDE)."""
     shape = tuple(reference.shape)
     settings = [(sde, order, spacing, calls) for sde in (False, True)
-                for order in args.solver_orders if not sde or order in SDE_SOLVER_ORDERS
+                for order in args.solver_orders if order in solver_orders(sde)
                 for spacing in SOLVER_SPACINGS for calls in args.solver_calls]
     rows = []
     for sde, order, spacing, calls in tqdm(settings, desc="DPM-Solver++", disable=not progress):

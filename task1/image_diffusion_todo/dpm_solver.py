@@ -102,9 +102,14 @@ def step_order(i: int, num_steps: int, order: int, lower_order_final: bool = Tru
     return k
 
 
+def solver_orders(stochastic: bool) -> tuple:
+    """The orders of the ODE solver (1-3) or of the SDE solver (1-2)."""
+    return SDE_SOLVER_ORDERS if stochastic else SOLVER_ORDERS
+
+
 def check_order(order: int, stochastic: bool) -> None:
-    """ValueError unless the ODE solver (orders 1-3) or the SDE solver (orders 1-2) has this order."""
-    orders = SDE_SOLVER_ORDERS if stochastic else SOLVER_ORDERS
+    """ValueError unless the ODE or the SDE solver (stochastic) has this order."""
+    orders = solver_orders(stochastic)
     if order not in orders:
         raise ValueError(f"the {'SDE-' if stochastic else ''}DPM-Solver++ order must be one of {orders}, got {order}")
 

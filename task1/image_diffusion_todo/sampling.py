@@ -30,7 +30,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from atomic_write import atomic_write, atomic_write_text
 from cli import ArgumentParser, UsageError, flags, pick_device, run
 from dataset import tensor_to_pil_image
-from dpm_solver import SDE_SOLVER_ORDERS, SOLVER_ORDERS, SOLVER_SPACINGS, DPMSolverScheduler
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, DPMSolverScheduler, check_order
 from model import CheckpointError, DiffusionModule
 from scheduler import PREDICTORS, SCHEDULES, TIMESTEP_SPACINGS, build_scheduler, check_denoises, check_eta
 from tqdm import tqdm
@@ -69,8 +69,11 @@ def check_args(args):
         raise UsageError("--num_samples and --batch_size must be >= 1")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.sample_method == "sde_dpm_solver" and args.solver_order not in SDE_SOLVER_ORDERS:
-        raise UsageError(f"--solver_order {args.solver_order}: SDE-DPM-Solver++ has orders {SDE_SOLVER_ORDERS}")
+    if args.sample_method in SOLVER_METHODS:
+        try:
+            check_order(args.solver_order, SOLVER_METHODS[args.sample_method])
+        except ValueError as error:
+            raise UsageError(f"--solver_order {args.solver_order}: {error}") from None
     if args.timestep_spacing not in TIMESTEP_SPACINGS and args.sample_method not in SOLVER_METHODS:
         raise UsageError(f"--timestep_spacing {args.timestep_spacing} is for the DPM-Solver++ methods only; "
                          f"DDIM takes one of {', '.join(TIMESTEP_SPACINGS)}")

@@ -52,7 +52,7 @@ from fid import measure_fid
 from model import CheckpointError, DiffusionModule
 import sampling
 from PIL import Image
-from dpm_solver import SDE_SOLVER_ORDERS, SOLVER_ORDERS, SOLVER_SPACINGS
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, solver_orders
 from scheduler import TIMESTEP_SPACINGS, check_eta
 
 matplotlib.use("Agg")
@@ -100,7 +100,7 @@ def grid_settings(T, args):
                  for e in args.etas for s in args.extra_steps]
     methods = ["dpm_solver", "sde_dpm_solver"] if args.dpm_solver_sde else ["dpm_solver"]
     settings += [Setting(method, s, spacing=spacing, order=order) for method in methods
-                 for order in args.dpm_solver_orders if method == "dpm_solver" or order in SDE_SOLVER_ORDERS
+                 for order in args.dpm_solver_orders if order in solver_orders(sampling.SOLVER_METHODS[method])
                  for spacing in args.dpm_solver_spacings for s in args.dpm_solver_steps]
     return settings
 
