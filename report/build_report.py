@@ -219,24 +219,55 @@ def dpm_solver_2d():
                   "best row (sampler, spacing)", "z SDE-2M vs 2M", "z SDE-2M vs eta 1"], rows)
 
 
+def paired_difference(a, b):
+    """Mean and standard error of a's CD minus b's, draw by draw, for two rows over the same draws
+    (the same x_T and, for the SDE, the same noise stream): (mean, SE)."""
+    differences = [x - y for x, y in zip(a["cds"], b["cds"])]
+    mean = sum(differences) / len(differences)
+    variance = sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)
+    return mean, (variance / len(differences)) ** 0.5
+
+
+def dpm_solver_2d_fitted():
+    """Every sampler on timesteps fitted to its model (fit_timesteps.py) against the same sampler on
+    the quadratic ones (where the fit starts), the difference paired by draw, and the timesteps."""
+    rows = []
+    for label, r in dpm_solver_runs():
+        solver = {(d["sde"], d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
+        for d in r["dpm_solver"]:
+            if d["timestep_spacing"] != "fitted":
+                continue
+            quadratic = solver[(d["sde"], d["order"], "quadratic", d["steps"])]
+            mean, se = paired_difference(d, quadratic)
+            rows.append([label, d["steps"], solver_2d_name(d), f"{fmt(quadratic['cd_mean'])} ± {fmt(quadratic['cd_se'])}",
+                         f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])}", f"{mean:+.2f} ± {se:.2f}",
+                         ", ".join(map(str, d["timesteps"]))])
+    if not rows:
+        return placeholder("the fitted-timestep rows of Task 1-1", "python run_experiment.py --recipe improved --out OUT")
+    return table(["run", "calls", "sampler", "quadratic", "fitted", "fitted - quadratic (paired)",
+                  "fitted timesteps"], rows)
+
+
 FEW_STEP_GOAL = {10: 2.0, 20: 0.6}  # CD bounds at 10 and 20 network calls, improved recipe, seed 0
 
 
 def few_step_goal_rows(seed):
-    """SDE-DPM-Solver++(2M) on the quadratic timesteps by calls, improved recipe -> {calls: row}, or None."""
+    """SDE-DPM-Solver++(2M) by calls, improved recipe, on the timesteps fitted to the model where the
+    run fitted them, on the quadratic ones elsewhere -> {calls: row}, or None."""
     r = dict(dpm_solver_runs()).get(f"improved, seed {seed}")
     if r is None:
         return None
-    return {d["steps"]: d for d in r["dpm_solver"]
-            if (d["sde"], d["order"], d["timestep_spacing"]) == (True, 2, "quadratic")}
+    rows = {d["steps"]: d for d in r["dpm_solver"] if (d["sde"], d["order"], d["timestep_spacing"]) == (True, 2, "quadratic")}
+    rows.update({d["steps"]: d for d in r["dpm_solver"] if (d["sde"], d["order"], d["timestep_spacing"]) == (True, 2, "fitted")})
+    return rows
 
 
 def dpm_solver_2d_goal(seed):
     rows = few_step_goal_rows(seed)
     if rows is None:
         return "(not run yet)"
-    return " and ".join(f"{fmt(rows[calls]['cd_mean'])} ± {fmt(rows[calls]['cd_se'])} at {calls} calls"
-                        for calls in FEW_STEP_GOAL)
+    return " and ".join(f"{fmt(rows[calls]['cd_mean'])} ± {fmt(rows[calls]['cd_se'])} at {calls} calls "
+                        f"({rows[calls]['timestep_spacing']})" for calls in FEW_STEP_GOAL)
 
 
 def dpm_solver_2d_verdict():
@@ -460,6 +491,7 @@ def fill_values(args):
         "improved_grid_table": improved_grid_table,
         "spacing_table": spacing_table,
         "dpm_solver_2d": dpm_solver_2d,
+        "dpm_solver_2d_fitted": dpm_solver_2d_fitted,
         "dpm_solver_2d_goal": lambda: dpm_solver_2d_goal(0),
         "dpm_solver_2d_goal_seed1": lambda: dpm_solver_2d_goal(1),
         "dpm_solver_2d_verdict": dpm_solver_2d_verdict,

@@ -565,7 +565,7 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     result = run_experiment("--recipe", "course", "--seed", "0", "--out", str(out), "--iterations", "300",
                             "--ddim_steps", "10", "20", "--etas", "0", "1", "--num_samples", "256",
                             "--timestep_spacing", "quadratic", "--timing_rounds", "1", "--solver_calls", "10", "20",
-                            "--solver_draws", "4")
+                            "--solver_draws", "4", "--fit_calls", "2")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())
     # DESIGN.md's schema, plus the fields added since.
@@ -594,8 +594,14 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
     # --solver_draws draws whose first ones are the DDIM rows' (order 1 is DDIM with eta 0, for the SDE
     # eta 1, up to float32 rounding, so its first CDs are the DDIM rows')
     solver = {(r["sde"], r["order"], r["timestep_spacing"], r["steps"]): r for r in results["dpm_solver"]}
-    assert set(solver) == {(sde, o, s, n) for sde, orders in ((False, (1, 2, 3)), (True, (1, 2))) for o in orders
-                           for s in (*spacings, "logsnr") for n in (10, 20)}
+    samplers = [(False, 1), (False, 2), (False, 3), (True, 1), (True, 2)]
+    assert set(solver) == ({(sde, o, s, n) for sde, o in samplers for s in (*spacings, "logsnr") for n in (10, 20)}
+                           | {(sde, o, "fitted", 2) for sde, o in samplers})
+    # --fit_calls 2: each sampler's own fitted timesteps, the fit's objective before and after
+    for sde, o in samplers:
+        row = solver[(sde, o, "fitted", 2)]
+        assert len(row["timesteps"]) == 2 and 999 >= row["timesteps"][0] > row["timesteps"][1] >= 0
+        assert row["fit_objective"][1] <= row["fit_objective"][0] and row["fit_seconds"] > 0
     assert all(len(row["cds"]) == 4 and row["cds"][0] == row["cd"] for row in results["dpm_solver"])
     for sde, eta in ((False, 0.0), (True, 1.0)):
         for spacing in spacings:
@@ -607,6 +613,7 @@ def test_run_experiment_writes_results_in_the_documented_format(tmp_path):
         assert (out / name).stat().st_size > 0
     assert "| eta \\ steps | 10 | 20 |" in result.stdout
     assert "| steps S | eta | leading | linspace | trailing | quadratic |" in result.stdout
+    assert "| calls | sampler | leading | linspace | trailing | quadratic | logsnr | fitted |" in result.stdout
     assert str(tmp_path) not in (out / "results.json").read_text()  # no absolute path in the results
 
 
@@ -627,6 +634,7 @@ def test_run_experiment_refuses_eta_above_one_before_training(tmp_path):
     (["--etas", "1.5"], "--etas: eta must be in [0, 1], got 1.5"),
     (["--etas", "nan"], "--etas: eta must be in [0, 1], got nan"),
     (["--iterations", "0"], "--iterations must be >= 1"),
+    (["--fit_calls", "0"], "--fit_calls must be between 1 and 1000"),
     (["--sampling_seeds", "0"], "--sampling_seeds must be >= 1"),
 ])
 def test_run_experiment_bad_input(experiment, tmp_path, capsys, monkeypatch, args, message):

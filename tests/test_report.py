@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -212,25 +213,32 @@ def test_readme_numbers_come_from_the_results_files():
             and f"(z = {against_ddim(False, 20):.1f} and {against_ddim(True, 20):.1f})" in readme)
     improved1 = json.loads((report / "results_2d_improved_seed1.json").read_text())
 
-    def sde_2m(run, calls):
+    def sde_2m(run, calls, spacing="quadratic"):
         row = next(r for r in run["dpm_solver"] if (r["sde"], r["order"], r["timestep_spacing"], r["steps"])
-                   == (True, 2, "quadratic", calls))
+                   == (True, 2, spacing, calls))
         return f"{row['cd_mean']:.2f} ± {row['cd_se']:.2f}"
 
-    assert (f"reaches CD {sde_2m(improved, 10)}\nat 10 calls and {sde_2m(improved, 20)} at 20" in readme
-            and f"seed 1: {sde_2m(improved1, 10)} and {sde_2m(improved1, 20)}" in readme)
+    assert (f"reaches CD {sde_2m(improved, 10, 'fitted')} at 10 calls ({sde_2m(improved, 10)} on the quadratic\n"
+            f"timesteps), and {sde_2m(improved, 20)} at 20" in readme
+            and f"seed 1: {sde_2m(improved1, 10, 'fitted')} and\n{sde_2m(improved1, 20)}" in readme)
 
 
-def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
-    """The few-step table of Task 1-1 reads the "dpm_solver" key of report/results_2d_*.json: DDIM
-    (the solvers' order 1), 2M, 3M and SDE-2M on the quadratic timesteps, the best row of all, and
-    SDE-2M's z against 2M and against DDIM eta 1."""
+def build_report_without_2d_solver_rows(tmp_path):
+    """build_report reading copies of report/results_2d_*.json in tmp_path without their "dpm_solver" rows."""
     build = load("build_report")
     for path in (ROOT / "report").glob("results_2d_*.json"):
         run = json.loads(path.read_text())
         run.pop("dpm_solver", None)
         (tmp_path / path.name).write_text(json.dumps(run))
     build.REPORT_DIR = tmp_path
+    return build
+
+
+def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
+    """The few-step table of Task 1-1 reads the "dpm_solver" key of report/results_2d_*.json: DDIM
+    (the solvers' order 1), 2M, 3M and SDE-2M on the quadratic timesteps, the best row of all, and
+    SDE-2M's z against 2M and against DDIM eta 1."""
+    build = build_report_without_2d_solver_rows(tmp_path)
     assert "Not run yet" in build.dpm_solver_2d()
     run = json.loads((tmp_path / "results_2d_course.json").read_text())
     quadratic = {(False, 1): (50.0, 2.0), (True, 1): (40.0, 3.0), (False, 2): (30.0, 1.0), (False, 3): (35.0, 1.5),
@@ -247,24 +255,43 @@ def test_report_renders_the_2d_dpm_solver_rows_when_present(tmp_path):
 
 
 def test_few_step_goal_verdict_says_met_missed_or_unresolved_and_by_how_many_standard_errors(tmp_path):
-    """The improved recipe's SDE-DPM-Solver++(2M) rows (quadratic) against CD <= 2 at 10 calls and
-    <= 0.6 at 20, from the results files: met or missed by 2 standard errors or more, else unresolved."""
+    """The improved recipe's SDE-DPM-Solver++(2M) rows (fitted timesteps where the run has them, else
+    quadratic) against CD <= 2 at 10 calls and <= 0.6 at 20, from the results files: met or missed by
+    2 standard errors or more, else unresolved."""
     build = load("build_report")
     for path in (ROOT / "report").glob("results_2d_*.json"):
         (tmp_path / path.name).write_text(path.read_text())
     build.REPORT_DIR = tmp_path
-    for name, cds in (("results_2d_improved.json", {10: (1.8, 0.2), 20: (0.75, 0.05)}),
-                      ("results_2d_improved_seed1.json", {10: (2.5, 0.25), 20: (0.55, 0.05)})):
+    for name, cds in (("results_2d_improved.json", {("quadratic", 10): (2.6, 0.2), ("fitted", 10): (1.5, 0.2),
+                                                    ("quadratic", 20): (0.75, 0.05)}),
+                      ("results_2d_improved_seed1.json", {("quadratic", 10): (2.5, 0.25), ("quadratic", 20): (0.55, 0.05)})):
         run = json.loads((tmp_path / name).read_text())
-        run["dpm_solver"] = [{"sde": True, "order": 2, "timestep_spacing": "quadratic", "steps": calls,
-                              "cd_mean": mean, "cd_se": se} for calls, (mean, se) in cds.items()]
+        run["dpm_solver"] = [{"sde": True, "order": 2, "timestep_spacing": spacing, "steps": calls,
+                              "cd_mean": mean, "cd_se": se} for (spacing, calls), (mean, se) in cds.items()]
         (tmp_path / name).write_text(json.dumps(run))
     text = build.dpm_solver_2d_verdict()
-    assert ("seed 0): 10 calls unresolved (the bound 2 is 1.0 SE above the mean); "
+    assert ("seed 0): 10 calls met (the bound 2 is 2.5 SE above the mean); "
             "20 calls missed (the bound 0.6 is 3.0 SE below the mean)." in text)
     assert ("seed 1: 10 calls missed (the bound 2 is 2.0 SE below the mean); "
             "20 calls unresolved (the bound 0.6 is 1.0 SE above the mean)." in text)
-    assert build.dpm_solver_2d_goal(1) == "2.50 ± 0.25 at 10 calls and 0.55 ± 0.05 at 20 calls"
+    assert build.dpm_solver_2d_goal(0) == "1.50 ± 0.20 at 10 calls (fitted) and 0.75 ± 0.05 at 20 calls (quadratic)"
+    assert build.dpm_solver_2d_goal(1) == "2.50 ± 0.25 at 10 calls (quadratic) and 0.55 ± 0.05 at 20 calls (quadratic)"
+
+
+def test_fitted_timesteps_table_pairs_each_fitted_row_with_its_quadratic_row_draw_by_draw(tmp_path):
+    build = build_report_without_2d_solver_rows(tmp_path)
+    assert "Not run yet" in build.dpm_solver_2d_fitted()
+    quadratic, fitted = [2.0, 3.0, 4.0], [1.5, 2.0, 3.8]
+    run = json.loads((tmp_path / "results_2d_improved.json").read_text())
+    run["dpm_solver"] = [{"sde": True, "order": 2, "timestep_spacing": spacing, "steps": 10, "cds": cds,
+                          "cd_mean": float(np.mean(cds)), "cd_se": float(np.std(cds, ddof=1) / np.sqrt(3)), **extra}
+                         for spacing, cds, extra in (("quadratic", quadratic, {}),
+                                                     ("fitted", fitted, {"timesteps": [700, 300, 20, 4]}))]
+    (tmp_path / "results_2d_improved.json").write_text(json.dumps(run))
+    differences = np.subtract(fitted, quadratic)
+    paired = f"{differences.mean():+.2f} ± {differences.std(ddof=1) / np.sqrt(3):.2f}"
+    line = next(line for line in build.dpm_solver_2d_fitted().splitlines() if line.startswith("| improved, seed 0"))
+    assert line == f"| improved, seed 0 | 10 | SDE-2M | 3.00 ± 0.58 | 2.43 ± 0.70 | {paired} | 700, 300, 20, 4 |"
 
 
 def test_report_renders_the_few_step_stage_when_present():

@@ -186,12 +186,25 @@ def dpm_solver_sample_loop(model, shape, num_network_calls: int = 10, order: int
     model: ddpm.DiffusionModule; shape: e.g. (num_points, 2); x_T: [shape] or None (drawn here);
     predictor: what model.network outputs (the course's network: noise) -> x_0: shape
     """
+    timesteps = solver_timesteps(model.var_scheduler.alphas_cumprod, num_network_calls, timestep_spacing)
+    x_T = torch.randn(shape, device=model.device) if x_T is None else x_T
+    return solve(model, x_T, timesteps, order, predictor=predictor, lower_order_final=lower_order_final,
+                 stochastic=stochastic)
+
+
+@torch.no_grad()
+def solve(model, x_T: torch.Tensor, timesteps: torch.Tensor, order: int, *, predictor: str = "noise",
+          lower_order_final: bool = True, stochastic: bool = False) -> torch.Tensor:
+    """The solver from x_T at any timesteps, e.g. fitted ones (fit_timesteps.py).
+
+    x_T: [N, 2]; timesteps: [S] int64, strictly descending, the network's S calls -> x_0: [N, 2]
+    """
     check_order(order, stochastic)
     alphas_cumprod = model.var_scheduler.alphas_cumprod
-    timesteps = solver_timesteps(alphas_cumprod, num_network_calls, timestep_spacing).to(alphas_cumprod.device)
+    timesteps = timesteps.to(alphas_cumprod.device)
     # alpha_bar along the path: at each timestep, then 1 at the clean end
     path = torch.cat([alphas_cumprod[timesteps], torch.ones_like(alphas_cumprod[:1])])
-    x = torch.randn(shape, device=model.device) if x_T is None else x_T
+    x = x_T
     x0_preds = []
     for i, t in enumerate(timesteps):
         x0_preds.append(predict_x0(model.var_scheduler, x, t, model.network(x, t), predictor))

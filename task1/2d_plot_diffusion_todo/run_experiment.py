@@ -6,7 +6,8 @@ and measure the Chamfer distance (CD) of each against the target, as the course 
 The DDIM grid (steps x eta) uses --timestep_spacing; a second table compares every spacing
 (leading, linspace, trailing, quadratic: see ddpm.ddim_timesteps) at the same steps and etas; a
 third puts DPM-Solver++ and SDE-DPM-Solver++ (dpm_solver.py, orders --solver_orders), whose order 1 is
-DDIM with eta 0 and 1, side by side at few network calls.
+DDIM with eta 0 and 1, side by side at few network calls, on every spacing and, at --fit_calls, on
+timesteps fitted to the trained model (fit_timesteps.py).
 Writes OUT/results.json, OUT/results.md, OUT/model.ckpt and figures (loss, samples, CD and time
 against steps, CD against steps per spacing).
 """
@@ -30,7 +31,8 @@ from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
 from atomic_write import atomic_write_text
 from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_denoises, check_eta, ddim_timesteps
-from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, dpm_solver_sample_loop, solver_orders
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, solve, solver_orders, solver_timesteps
+from fit_timesteps import ddpm_target, fit_timesteps
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -39,6 +41,7 @@ NUM_EVAL_SAMPLES = 2048
 DDIM_STEPS = [10, 20, 50, 100, 1000]
 DDIM_ETAS = [0.0, 0.2, 0.5, 1.0]
 SOLVER_CALLS = [10, 20, 50]  # DPM-Solver++ rows: network calls
+FIT_CALLS = [10]  # calls at which the solvers also take timesteps fitted to the model (fit_timesteps.py)
 # The few-step CD is a sum over points dominated by the few that land off the roll, so its draws
 # scatter widely; the few-step table, cheap next to the DDIM grid's 1000-step rows, takes more of them.
 SOLVER_DRAWS = 20
@@ -103,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "SDE-DPM-Solver++ rows take those of them up to 2")
     parser.add_argument("--solver_calls", type=int, nargs="+", default=SOLVER_CALLS,
                         help="network calls of the DPM-Solver++ rows (each spacing, each order)")
+    parser.add_argument("--fit_calls", type=int, nargs="*", default=FIT_CALLS,
+                        help="network calls at which every solver row also takes timesteps fitted to the trained "
+                             "model, from the quadratic ones (fit_timesteps.py; 1-2 CPU minutes per sampler; none: no fit)")
     parser.add_argument("--solver_draws", type=int, default=SOLVER_DRAWS,
                         help="draws of x_T per row of the few-step table (its mean and standard error)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -119,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="replace the results and model.ckpt of an earlier run in --out")
     args = parser.parse_args(argv)
 
-    for flag, values in (("--ddim_steps", args.ddim_steps), ("--solver_calls", args.solver_calls)):
+    for flag, values in (("--ddim_steps", args.ddim_steps), ("--solver_calls", args.solver_calls),
+                         ("--fit_calls", args.fit_calls)):
         bad_steps = [s for s in values if not 1 <= s <= NUM_TRAIN_TIMESTEPS]
         if bad_steps:
             parser.error(f"{flag} must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {bad_steps[0]}")
@@ -130,8 +137,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--etas: {error}")
     # every sub-sequence sampled must denoise; the solver's table covers every spacing
     sub_sequences = [("--ddim_steps", steps, args.timestep_spacing) for steps in args.ddim_steps]
-    sub_sequences += [("--solver_calls", calls, spacing) for calls in (args.solver_calls if args.solver_orders else [])
-                      for spacing in TIMESTEP_SPACINGS]
+    if args.solver_orders:
+        sub_sequences += [("--solver_calls", calls, spacing) for calls in args.solver_calls
+                          for spacing in TIMESTEP_SPACINGS]
+        sub_sequences += [("--fit_calls", calls, "quadratic") for calls in args.fit_calls]  # where the fit starts
     for flag, steps, spacing in sub_sequences:
         try:
             check_denoises(ddim_timesteps(NUM_TRAIN_TIMESTEPS, steps, spacing)[0], spacing)
@@ -315,23 +324,38 @@ def evaluate(model: DiffusionModule, reference: torch.Tensor, args, progress: bo
 
 def evaluate_dpm_solver(model: DiffusionModule, reference: torch.Tensor, args, progress: bool = True) -> List[dict]:
     """CD of DPM-Solver++ (ODE; "sde": False) and SDE-DPM-Solver++ ("sde": True) for every (order,
-    spacing, calls) over args.solver_draws draws of x_T, draw k seeded by args.seed + 1000 k as in
-    evaluate (its first draws are the DDIM rows' x_T) -> the rows of results["dpm_solver"]; "steps"
-    counts network calls, and "cd" is the first draw's. Order 1 is DDIM with eta 0 (ODE) or 1 (SDE)."""
+    spacing, calls), and at args.fit_calls on timesteps fitted to the model ("fitted": see
+    fit_timesteps.py; the row keeps them and the fit's objective before and after), over
+    args.solver_draws draws of x_T, draw k seeded by args.seed + 1000 k as in evaluate (its first
+    draws are the DDIM rows' x_T) -> the rows of results["dpm_solver"]; "steps" counts network calls,
+    and "cd" is the first draw's. Order 1 is DDIM with eta 0 (ODE) or 1 (SDE)."""
     shape = tuple(reference.shape)
-    settings = [(sde, order, spacing, calls) for sde in (False, True)
-                for order in args.solver_orders if order in solver_orders(sde)
+    alphas_cumprod = model.var_scheduler.alphas_cumprod
+    samplers = [(sde, order) for sde in (False, True) for order in args.solver_orders if order in solver_orders(sde)]
+    settings = [(sde, order, spacing, calls) for sde, order in samplers
                 for spacing in SOLVER_SPACINGS for calls in args.solver_calls]
+    settings += [(sde, order, "fitted", calls) for sde, order in samplers for calls in args.fit_calls]
+    target = ddpm_target(model, shape[0]) if args.fit_calls else None
     rows = []
     for sde, order, spacing, calls in tqdm(settings, desc="DPM-Solver++", disable=not progress):
+        fit = {}
+        if spacing == "fitted":
+            start = time.perf_counter()
+            timesteps, before, after = fit_timesteps(model, solver_timesteps(alphas_cumprod, calls, "quadratic"),
+                                                     order, sde, target, progress=progress)
+            fit = {"timesteps": timesteps.tolist(), "fit_objective": [before, after],
+                   "fit_seconds": time.perf_counter() - start}
+        else:
+            timesteps = solver_timesteps(alphas_cumprod, calls, spacing)
         cds = []
         for draw in range(args.solver_draws):
             torch.manual_seed(args.seed + 1000 * draw)
-            sample = dpm_solver_sample_loop(model, shape, calls, order, spacing, stochastic=sde).cpu()
+            x_T = torch.randn(shape, device=model.device)
+            sample = solve(model, x_T, timesteps, order, stochastic=sde).cpu()
             cds.append(float(chamfer_distance(sample, reference)))
         mean, standard_error = mean_and_standard_error(cds)
         rows.append({"sde": sde, "order": order, "timestep_spacing": spacing, "steps": calls, "cd": cds[0],
-                     "cd_mean": mean, "cd_se": standard_error, "cds": cds})
+                     "cd_mean": mean, "cd_se": standard_error, "cds": cds, **fit})
     return rows
 
 
@@ -355,17 +379,27 @@ def dpm_solver_markdown(results: dict) -> str:
     rows = results["dpm_solver"]
     solver = {(r["sde"], r["order"], r["timestep_spacing"], r["steps"]): r for r in rows}
     samplers = sorted({(r["sde"], r["order"]) for r in rows})
+    fitted = [r for r in rows if r["timestep_spacing"] == "fitted"]
+    spacings = list(SOLVER_SPACINGS) + (["fitted"] if fitted else [])
     lines = ["", f"**Few network calls: DPM-Solver++ and DDIM**, Chamfer distance, mean ± standard error "
                  f"over {len(rows[0]['cds'])} draws of x_T (the first draws of the tables above). Order 1 of "
                  f"the ODE solver is DDIM with eta 0, of the SDE solver DDIM with eta 1; eta does not apply "
-                 f"to the higher orders. logsnr: timesteps evenly spaced in log-SNR (the solvers only). "
+                 f"to the higher orders. logsnr: timesteps evenly spaced in log-SNR (the solvers only); "
+                 f"fitted: timesteps fitted to this model for each sampler (fit_timesteps.py), listed below. "
                  f"DDPM (1000 calls): {format_cd(results['ddpm'])}; floor {results['floor_cd']:.3f}.",
-             "", "| calls | sampler | " + " | ".join(SOLVER_SPACINGS) + " |",
-             "|---|---|" + "---|" * len(SOLVER_SPACINGS)]
+             "", "| calls | sampler | " + " | ".join(spacings) + " |",
+             "|---|---|" + "---|" * len(spacings)]
     for calls in sorted({r["steps"] for r in rows}):
         for sde, order in samplers:
-            cells = [format_cd(solver.get((sde, order, spacing, calls))) for spacing in SOLVER_SPACINGS]
+            cells = [format_cd(solver.get((sde, order, spacing, calls))) for spacing in spacings]
             lines.append(f"| {calls} | {solver_name(sde, order)} | " + " | ".join(cells) + " |")
+    if fitted:
+        lines += ["", "**Fitted timesteps** (the fit's objective: mean CD to the model's own DDPM samples over "
+                      "the fit's draws, from the quadratic timesteps to the fit):", "",
+                  "| calls | sampler | timesteps | objective | fit time (s) |", "|---|---|---|---|---|"]
+        lines += [f"| {r['steps']} | {solver_name(r['sde'], r['order'])} | {', '.join(map(str, r['timesteps']))} | "
+                  f"{r['fit_objective'][0]:.3f} -> {r['fit_objective'][1]:.3f} | {r['fit_seconds']:.0f} |"
+                  for r in fitted]
     return "\n".join(lines) + "\n"
 
 
@@ -554,7 +588,7 @@ def save_figures(out: str, results: dict, losses: List[float], samples: dict, re
 
 def save_dpm_solver_figure(plt, out: str, results: dict) -> None:
     """CD against network calls on the quadratic timesteps: DPM-Solver++ and SDE-DPM-Solver++ of every
-    order (order 1: DDIM with eta 0 and 1), DDPM and the floor."""
+    order (order 1: DDIM with eta 0 and 1), each on its fitted timesteps where fitted, DDPM and the floor."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for sde, order in sorted({(r["sde"], r["order"]) for r in results["dpm_solver"]}):
         rows = [r for r in results["dpm_solver"]
@@ -562,10 +596,21 @@ def save_dpm_solver_figure(plt, out: str, results: dict) -> None:
         ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
                     color=f"C{order}", linestyle="--" if sde else "-", marker="s" if sde else "o", capsize=3,
                     label=solver_name(sde, order))
+        fitted = [r for r in results["dpm_solver"]
+                  if (r["sde"], r["order"], r["timestep_spacing"]) == (sde, order, "fitted")]
+        if fitted:  # hollow markers: the same sampler on timesteps fitted to this model
+            # drawn a little to the right of the quadratic rows, which they would hide
+            ax.errorbar([r["steps"] * 1.05 for r in fitted], [r["cd_mean"] for r in fitted],
+                        yerr=[r["cd_se"] or 0 for r in fitted], color=f"C{order}", linestyle="none",
+                        marker="s" if sde else "o", markerfacecolor="none", markersize=9, capsize=3)
+    if any(r["timestep_spacing"] == "fitted" for r in results["dpm_solver"]):
+        ax.plot([], [], color="gray", marker="o", markerfacecolor="none", markersize=9, linestyle="none",
+                label="the same sampler, fitted timesteps")
     ax.axhline(results["ddpm"]["cd_mean"], color="black", linestyle=":", label="DDPM (1000 calls)")
     ax.axhline(results["floor_cd"], color="gray", linestyle=":", label="floor")
     ax.set(xscale="log", yscale="log", xlabel="network calls", ylabel="Chamfer distance (mean ± SE)",
-           title=f"Few-step samplers, quadratic timesteps ({results['recipe']} recipe, seed {results['seed']})")
+           title=f"Few-step samplers, {results['recipe']} recipe, seed {results['seed']}\n"
+                 f"lines: quadratic timesteps; hollow: fitted timesteps")
     calls = sorted({r["steps"] for r in results["dpm_solver"]})
     ax.set_xticks(calls, labels=[str(c) for c in calls], minor=False)
     ax.set_xticks([], minor=True)
