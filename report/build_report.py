@@ -185,6 +185,11 @@ def z_score(a, b):
     return (a["cd_mean"] - b["cd_mean"]) / (a["cd_se"] ** 2 + b["cd_se"] ** 2) ** 0.5
 
 
+def cd_cell(row):
+    """'mean ± SE' of a Task 1-1 row, '-' for None."""
+    return f"{fmt(row['cd_mean'])} ± {fmt(row['cd_se'])}" if row else "-"
+
+
 def solver_2d_name(row):
     """'SDE-2M', '3M', ... (the few-step table's column names) for a Task 1-1 dpm_solver row; order 1
     as the DDIM it equals."""
@@ -201,9 +206,6 @@ def dpm_solver_2d():
     if not runs:
         return placeholder("the DPM-Solver++ rows of Task 1-1 (a dpm_solver entry in report/results_2d_*.json)",
                            "python run_experiment.py --recipe improved --seed 0 --out OUT")
-    def cell(row):
-        return f"{fmt(row['cd_mean'])} ± {fmt(row['cd_se'])}" if row else "-"
-
     rows = []
     for label, r in runs:
         solver = {(d["sde"], d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
@@ -212,8 +214,8 @@ def dpm_solver_2d():
                          for sde, order in ((False, 1), (True, 1), (False, 2), (False, 3), (True, 2))}
             best = min((d for d in r["dpm_solver"] if d["steps"] == calls), key=lambda d: d["cd_mean"])
             sde2 = quadratic[(True, 2)]
-            rows.append([label, calls, len(sde2["cds"]), *map(cell, quadratic.values()),
-                         f"{cell(best)} ({solver_2d_name(best)}, {best['timestep_spacing']})",
+            rows.append([label, calls, len(sde2["cds"]), *map(cd_cell, quadratic.values()),
+                         f"{cd_cell(best)} ({solver_2d_name(best)}, {best['timestep_spacing']})",
                          f"{z_score(sde2, quadratic[(False, 2)]):+.1f}", f"{z_score(sde2, quadratic[(True, 1)]):+.1f}"])
     return table(["run", "calls", "draws", "DDIM eta 0", "DDIM eta 1", "2M", "3M", "SDE-2M",
                   "best row (sampler, spacing)", "z SDE-2M vs 2M", "z SDE-2M vs eta 1"], rows)
@@ -239,11 +241,11 @@ def dpm_solver_2d_fitted():
                 continue
             quadratic = solver[(d["sde"], d["order"], "quadratic", d["steps"])]
             mean, se = paired_difference(d, quadratic)
-            rows.append([label, d["steps"], solver_2d_name(d), f"{fmt(quadratic['cd_mean'])} ± {fmt(quadratic['cd_se'])}",
-                         f"{fmt(d['cd_mean'])} ± {fmt(d['cd_se'])}", f"{mean:+.2f} ± {se:.2f}",
-                         ", ".join(map(str, d["timesteps"]))])
+            rows.append([label, d["steps"], solver_2d_name(d), cd_cell(quadratic), cd_cell(d),
+                         f"{mean:+.2f} ± {se:.2f}", ", ".join(map(str, d["timesteps"]))])
     if not rows:
-        return placeholder("the fitted-timestep rows of Task 1-1", "python run_experiment.py --recipe improved --out OUT")
+        return placeholder("the fitted-timestep rows of Task 1-1",
+                           "python run_experiment.py --recipe improved --out OUT")
     return table(["run", "calls", "sampler", "quadratic", "fitted", "fitted - quadratic (paired)",
                   "fitted timesteps"], rows)
 
@@ -257,8 +259,9 @@ def few_step_goal_rows(seed):
     r = dict(dpm_solver_runs()).get(f"improved, seed {seed}")
     if r is None:
         return None
-    rows = {d["steps"]: d for d in r["dpm_solver"] if (d["sde"], d["order"], d["timestep_spacing"]) == (True, 2, "quadratic")}
-    rows.update({d["steps"]: d for d in r["dpm_solver"] if (d["sde"], d["order"], d["timestep_spacing"]) == (True, 2, "fitted")})
+    sde_2m = [d for d in r["dpm_solver"] if (d["sde"], d["order"]) == (True, 2)]
+    rows = {d["steps"]: d for d in sde_2m if d["timestep_spacing"] == "quadratic"}
+    rows.update({d["steps"]: d for d in sde_2m if d["timestep_spacing"] == "fitted"})
     return rows
 
 

@@ -264,7 +264,8 @@ def test_few_step_goal_verdict_says_met_missed_or_unresolved_and_by_how_many_sta
     build.REPORT_DIR = tmp_path
     for name, cds in (("results_2d_improved.json", {("quadratic", 10): (2.6, 0.2), ("fitted", 10): (1.5, 0.2),
                                                     ("quadratic", 20): (0.75, 0.05)}),
-                      ("results_2d_improved_seed1.json", {("quadratic", 10): (2.5, 0.25), ("quadratic", 20): (0.55, 0.05)})):
+                      ("results_2d_improved_seed1.json", {("quadratic", 10): (2.5, 0.25),
+                                                          ("quadratic", 20): (0.55, 0.05)})):
         run = json.loads((tmp_path / name).read_text())
         run["dpm_solver"] = [{"sde": True, "order": 2, "timestep_spacing": spacing, "steps": calls,
                               "cd_mean": mean, "cd_se": se} for (spacing, calls), (mean, se) in cds.items()]
@@ -275,7 +276,8 @@ def test_few_step_goal_verdict_says_met_missed_or_unresolved_and_by_how_many_sta
     assert ("seed 1: 10 calls missed (the bound 2 is 2.0 SE below the mean); "
             "20 calls unresolved (the bound 0.6 is 1.0 SE above the mean)." in text)
     assert build.dpm_solver_2d_goal(0) == "1.50 ± 0.20 at 10 calls (fitted) and 0.75 ± 0.05 at 20 calls (quadratic)"
-    assert build.dpm_solver_2d_goal(1) == "2.50 ± 0.25 at 10 calls (quadratic) and 0.55 ± 0.05 at 20 calls (quadratic)"
+    assert build.dpm_solver_2d_goal(1) == ("2.50 ± 0.25 at 10 calls (quadratic) and "
+                                           "0.55 ± 0.05 at 20 calls (quadratic)")
 
 
 def test_fitted_timesteps_table_pairs_each_fitted_row_with_its_quadratic_row_draw_by_draw(tmp_path):

@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="network calls of the DPM-Solver++ rows (each spacing, each order)")
     parser.add_argument("--fit_calls", type=int, nargs="*", default=FIT_CALLS,
                         help="network calls at which every solver row also takes timesteps fitted to the trained "
-                             "model, from the quadratic ones (fit_timesteps.py; 1-2 CPU minutes per sampler; none: no fit)")
+                             "model, from the quadratic ones (fit_timesteps.py; 1-2 CPU minutes per sampler; "
+                             "none: no fit)")
     parser.add_argument("--solver_draws", type=int, default=SOLVER_DRAWS,
                         help="draws of x_T per row of the few-step table (its mean and standard error)")
     parser.add_argument("--iterations", type=int, default=None,
