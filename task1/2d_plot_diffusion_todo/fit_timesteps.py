@@ -1,10 +1,10 @@
 """Timesteps fitted to one trained model: an extra beyond the DPM-Solver++ paper's spacings, for
-the fewest network calls, where where the S calls fall matters most.
+the fewest network calls, where the S calls fall matters most.
 
 Each of the fixed spacings (quadratic, logsnr, ...) is one rule for every model. Here the S
 timesteps are chosen for the trained model at hand, with the model as its own reference: the fit
 minimises the mean Chamfer distance between the solver's samples and the model's own DDPM samples
-(1000 calls; the best the model can do), over a few fixed draws of x_T and of the SDE's noise. The
+(1000 calls), over a few fixed draws of x_T and of the SDE's noise. The
 reference data set is never used, and the draws are not those run_experiment.py evaluates on.
 
 The search is coordinate descent on integers: starting from a spacing (quadratic), move one
@@ -30,7 +30,7 @@ def fit_objective(model, timesteps: torch.Tensor, order: int, stochastic: bool, 
     """Mean CD between the solver's samples at these timesteps and target ([N, 2], the model's own
     DDPM samples), over num_draws seeded draws of x_T (N points each) and of the SDE's noise."""
     total = 0.0
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+    with torch.random.fork_rng():  # the caller's random stream is left as it was
         for draw in range(num_draws):
             torch.manual_seed(FIT_SEED + draw)
             x_T = torch.randn(tuple(target.shape), device=model.device)
@@ -83,6 +83,6 @@ def fit_timesteps(model, initial: torch.Tensor, order: int, stochastic: bool, ta
 def ddpm_target(model, num_points: int) -> torch.Tensor:
     """The fit's reference: num_points DDPM samples of the model (1000 calls), seeded apart from
     every evaluation draw -> [num_points, 2]."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():
         torch.manual_seed(FIT_SEED - 1)
         return model.p_sample_loop((num_points, 2))
