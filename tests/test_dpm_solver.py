@@ -172,6 +172,22 @@ def test_sde_solver_has_orders_one_and_two(two_d, image, folder):
                    stochastic=True)
 
 
+def test_both_task1_folders_carry_the_same_solver_core(two_d, image):
+    """Each course folder runs on its own (flat imports), so each has its dpm_solver.py; the
+    solver itself (timesteps, orders, the update) must be the same text in both, but for the name
+    of the folder's DDIM sub-sequence function. The samplers around it differ: a loop in 2D, a
+    scheduler class for images."""
+    (_, two_d_solver), (_, image_solver) = two_d, image
+    for name in ("logsnr_timesteps", "solver_timesteps", "step_order", "solver_orders", "check_order",
+                 "multistep_update"):
+        two_d_source = inspect.getsource(getattr(two_d_solver, name))
+        two_d_source = two_d_source.replace("ddpm.ddim_timesteps", "scheduler.ddim_sub_sequence")
+        assert two_d_source.replace("ddim_timesteps", "ddim_sub_sequence") == inspect.getsource(
+            getattr(image_solver, name)), name
+    for name in ("SOLVER_SPACINGS", "SOLVER_ORDERS", "SDE_SOLVER_ORDERS"):
+        assert getattr(two_d_solver, name) == getattr(image_solver, name), name
+
+
 def test_lower_order_final_changes_order_three_below_15_steps(image):
     """So the lower_order_final cases above test something: the two settings differ for order 3."""
     network, x_T = TimeDependentNet(), x_T_for("image")

@@ -60,7 +60,7 @@ def logsnr_timesteps(alphas_cumprod: torch.Tensor, num_steps: int) -> torch.Tens
     Near t = 0 lambda changes by more than the grid's step from one integer to the next (T = 1000,
     linear betas: from S = 39 on), and rounding gives a timestep twice; diffusers keeps the repeat (a
     step with h = 0, where the multistep update divides by zero). Here a repeat moves to one above
-    its predecessor, as ddim_timesteps does for "quadratic" (and, should that pass T - 1, the top
+    its predecessor, as ddim_sub_sequence does for "quadratic" (and, should that pass T - 1, the top
     ones move down), so the S timesteps are distinct.
     """
     alpha_bar = alphas_cumprod.double().cpu().numpy()
