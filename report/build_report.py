@@ -276,7 +276,7 @@ def dpm_solver_2d_goal(seed):
 def dpm_solver_2d_verdict():
     """Whether those rows meet FEW_STEP_GOAL: met (missed) when the bound lies 2 standard errors or more
     above (below) the mean, unresolved in between; seed 0, then seed 1 when it was run."""
-    openings = {0: f"Against the few-step goal (CD <= {FEW_STEP_GOAL[10]:g} at 10 calls and <= "
+    openings = {0: f"Against the few-step goal (CD ≤ {FEW_STEP_GOAL[10]:g} at 10 calls and ≤ "
                    f"{FEW_STEP_GOAL[20]:g} at 20, seed 0)",
                 1: "The same bounds on seed 1"}
     sentences = []
