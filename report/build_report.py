@@ -198,6 +198,11 @@ def solver_2d_name(row):
     return f"{'SDE-' if row['sde'] else ''}{row['order']}M"
 
 
+def solver_rows_by_key(run):
+    """A Task 1-1 run's dpm_solver rows by (sde, order, timestep_spacing, steps)."""
+    return {(d["sde"], d["order"], d["timestep_spacing"], d["steps"]): d for d in run["dpm_solver"]}
+
+
 def dpm_solver_2d():
     """Few network calls on the quadratic timesteps: DDIM (the solvers' order 1) against DPM-Solver++
     (2M, 3M) and SDE-DPM-Solver++(2M), the best of all rows after the fact, and the SDE solver's
@@ -208,7 +213,7 @@ def dpm_solver_2d():
                            "python run_experiment.py --recipe improved --seed 0 --out OUT")
     rows = []
     for label, r in runs:
-        solver = {(d["sde"], d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
+        solver = solver_rows_by_key(r)
         for calls in sorted({d["steps"] for d in r["dpm_solver"]}):
             quadratic = {(sde, order): solver.get((sde, order, "quadratic", calls))
                          for sde, order in ((False, 1), (True, 1), (False, 2), (False, 3), (True, 2))}
@@ -235,7 +240,7 @@ def dpm_solver_2d_fitted():
     the quadratic ones (where the fit starts), the difference paired by draw, and the timesteps."""
     rows = []
     for label, r in dpm_solver_runs():
-        solver = {(d["sde"], d["order"], d["timestep_spacing"], d["steps"]): d for d in r["dpm_solver"]}
+        solver = solver_rows_by_key(r)
         for d in r["dpm_solver"]:
             if d["timestep_spacing"] != "fitted":
                 continue

@@ -591,19 +591,19 @@ def save_dpm_solver_figure(plt, out: str, results: dict) -> None:
     """CD against network calls on the quadratic timesteps: DPM-Solver++ and SDE-DPM-Solver++ of every
     order (order 1: DDIM with eta 0 and 1), each on its fitted timesteps where fitted, DDPM and the floor."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for sde, order in sorted({(r["sde"], r["order"]) for r in results["dpm_solver"]}):
+
+    def draw(sde, order, spacing, x_shift=1.0, **style):
         rows = [r for r in results["dpm_solver"]
-                if (r["sde"], r["order"], r["timestep_spacing"]) == (sde, order, "quadratic")]
-        ax.errorbar([r["steps"] for r in rows], [r["cd_mean"] for r in rows], yerr=[r["cd_se"] or 0 for r in rows],
-                    color=f"C{order}", linestyle="--" if sde else "-", marker="s" if sde else "o", capsize=3,
-                    label=solver_name(sde, order))
-        fitted = [r for r in results["dpm_solver"]
-                  if (r["sde"], r["order"], r["timestep_spacing"]) == (sde, order, "fitted")]
-        if fitted:  # hollow markers: the same sampler on timesteps fitted to this model
-            # drawn a little to the right of the quadratic rows, which they would hide
-            ax.errorbar([r["steps"] * 1.05 for r in fitted], [r["cd_mean"] for r in fitted],
-                        yerr=[r["cd_se"] or 0 for r in fitted], color=f"C{order}", linestyle="none",
-                        marker="s" if sde else "o", markerfacecolor="none", markersize=9, capsize=3)
+                if (r["sde"], r["order"], r["timestep_spacing"]) == (sde, order, spacing)]
+        ax.errorbar([r["steps"] * x_shift for r in rows], [r["cd_mean"] for r in rows],
+                    yerr=[r["cd_se"] or 0 for r in rows], color=f"C{order}", marker="s" if sde else "o", capsize=3,
+                    **style)
+
+    for sde, order in sorted({(r["sde"], r["order"]) for r in results["dpm_solver"]}):
+        draw(sde, order, "quadratic", linestyle="--" if sde else "-", label=solver_name(sde, order))
+        # hollow markers: the same sampler on timesteps fitted to this model, drawn a little to the
+        # right of the quadratic rows, which they would hide
+        draw(sde, order, "fitted", x_shift=1.05, linestyle="none", markerfacecolor="none", markersize=9)
     if any(r["timestep_spacing"] == "fitted" for r in results["dpm_solver"]):
         ax.plot([], [], color="gray", marker="o", markerfacecolor="none", markersize=9, linestyle="none",
                 label="the same sampler, fitted timesteps")

@@ -134,8 +134,9 @@ def multistep_update(x_s0: torch.Tensor, x0_preds, alpha_bars: torch.Tensor,
         decay, weight = sigma_t / sigma_s0, -alpha_t * torch.expm1(-h)  # weight = -alpha_t phi_1
         x_t = decay * x_s0 + weight * D0
     else:  # the SDE; order 1 is DDIM (eta = 1)
-        decay, weight = sigma_t / sigma_s0 * torch.exp(-h), -alpha_t * torch.expm1(-2 * h)
-        x_t = decay * x_s0 + weight * D0 + sigma_t * (-torch.expm1(-2 * h)).sqrt() * noise
+        one_minus_e_2h = -torch.expm1(-2 * h)  # 1 - e^{-2h}
+        decay, weight = sigma_t / sigma_s0 * torch.exp(-h), alpha_t * one_minus_e_2h
+        x_t = decay * x_s0 + weight * D0 + sigma_t * one_minus_e_2h.sqrt() * noise
     if len(x0_preds) == 1:
         return x_t
     # r0 = h_0 / h, the previous step relative to this one; D1_0 ~ h * dD/dlambda at s0
