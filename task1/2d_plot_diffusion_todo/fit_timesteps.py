@@ -25,18 +25,27 @@ FIT_MOVES = (64, 32, 16, 8, 4)  # the deltas of the coordinate descent, largest 
 FIT_SEED = 10 ** 6
 
 
+def solver_cds(model, timesteps: torch.Tensor, order: int, stochastic: bool, reference: torch.Tensor,
+               seeds) -> list:
+    """CD to reference ([N, 2]) of the solver's samples at these timesteps, one per seed: x_T (N
+    points) and the SDE's noise drawn after torch.manual_seed(seed). The CD is computed where
+    reference lies."""
+    cds = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        x_T = torch.randn(tuple(reference.shape), device=model.device)
+        sample = solve(model, x_T, timesteps, order, stochastic=stochastic)
+        cds.append(float(chamfer_distance(sample.to(reference.device), reference)))
+    return cds
+
+
 def fit_objective(model, timesteps: torch.Tensor, order: int, stochastic: bool, target: torch.Tensor,
                   num_draws: int = FIT_DRAWS) -> float:
     """Mean CD between the solver's samples at these timesteps and target ([N, 2], the model's own
     DDPM samples), over num_draws seeded draws of x_T (N points each) and of the SDE's noise."""
-    total = 0.0
     with torch.random.fork_rng():  # the caller's random stream is left as it was
-        for draw in range(num_draws):
-            torch.manual_seed(FIT_SEED + draw)
-            x_T = torch.randn(tuple(target.shape), device=model.device)
-            sample = solve(model, x_T, timesteps, order, stochastic=stochastic)
-            total += float(chamfer_distance(sample, target))
-    return total / num_draws
+        cds = solver_cds(model, timesteps, order, stochastic, target, [FIT_SEED + draw for draw in range(num_draws)])
+    return sum(cds) / num_draws
 
 
 def move(timesteps: list, i: int, delta: int, num_train_timesteps: int):

@@ -31,8 +31,8 @@ from chamferdist import chamfer_distance
 from dataset import get_data_iterator, load_twodim
 from atomic_write import atomic_write_text
 from ddpm import TIMESTEP_SPACINGS, BaseScheduler, DiffusionModule, check_denoises, check_eta, ddim_timesteps
-from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, solve, solver_orders, solver_timesteps
-from fit_timesteps import ddpm_target, fit_timesteps
+from dpm_solver import SOLVER_ORDERS, SOLVER_SPACINGS, solver_orders, solver_timesteps
+from fit_timesteps import ddpm_target, fit_timesteps, solver_cds
 from network import SimpleNet
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -330,13 +330,12 @@ def evaluate_dpm_solver(model: DiffusionModule, reference: torch.Tensor, args, p
     args.solver_draws draws of x_T, draw k seeded by args.seed + 1000 k as in evaluate (its first
     draws are the DDIM rows' x_T) -> the rows of results["dpm_solver"]; "steps" counts network calls,
     and "cd" is the first draw's. Order 1 is DDIM with eta 0 (ODE) or 1 (SDE)."""
-    shape = tuple(reference.shape)
     alphas_cumprod = model.var_scheduler.alphas_cumprod
     samplers = [(sde, order) for sde in (False, True) for order in args.solver_orders if order in solver_orders(sde)]
     settings = [(sde, order, spacing, calls) for sde, order in samplers
                 for spacing in SOLVER_SPACINGS for calls in args.solver_calls]
     settings += [(sde, order, "fitted", calls) for sde, order in samplers for calls in args.fit_calls]
-    target = ddpm_target(model, shape[0]) if args.fit_calls else None
+    target = ddpm_target(model, len(reference)) if args.fit_calls else None
     rows = []
     for sde, order, spacing, calls in tqdm(settings, desc="DPM-Solver++", disable=not progress):
         fit = {}
@@ -348,12 +347,8 @@ def evaluate_dpm_solver(model: DiffusionModule, reference: torch.Tensor, args, p
                    "fit_seconds": time.perf_counter() - start}
         else:
             timesteps = solver_timesteps(alphas_cumprod, calls, spacing)
-        cds = []
-        for draw in range(args.solver_draws):
-            torch.manual_seed(args.seed + 1000 * draw)
-            x_T = torch.randn(shape, device=model.device)
-            sample = solve(model, x_T, timesteps, order, stochastic=sde).cpu()
-            cds.append(float(chamfer_distance(sample, reference)))
+        cds = solver_cds(model, timesteps, order, sde, reference,
+                         [args.seed + 1000 * draw for draw in range(args.solver_draws)])
         mean, standard_error = mean_and_standard_error(cds)
         rows.append({"sde": sde, "order": order, "timestep_spacing": spacing, "steps": calls, "cd": cds[0],
                      "cd_mean": mean, "cd_se": standard_error, "cds": cds, **fit})
