@@ -8,7 +8,7 @@ encode, text encoder, UNet forward and backward with rank-4 LoRA on the attentio
 AdamW step; 512x512, batch 1. "fp32" is the course's --mixed_precision=no; "fp16" is
 --mixed_precision=fp16 (frozen weights in half precision, autocast, loss scaling, LoRA in fp32).
 Each precision runs in its own process, so that its peak memory is its own. Without --model the
-networks are built from SD 1.x's configurations with random weights: memory and time do not depend
+networks are built from SD 1.4's configurations (benchmarks/sd1_architecture.py) with random weights: memory and time do not depend
 on the values of the weights, and no download is needed.
 
 Bounds (exit status 1 when one is missed):
@@ -24,13 +24,16 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "task2"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
+import sd1_architecture  # noqa: E402
 from loss import diffusion_loss, noise_and_target  # noqa: E402
 
 RESOLUTION = 512
@@ -44,24 +47,15 @@ def sd1_models(model):
     """(vae, text_encoder, unet, noise_scheduler): ``model`` from the hub or a folder, or (None) SD 1.x's
     architecture with random weights."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     if model is not None:
         return (AutoencoderKL.from_pretrained(model, subfolder="vae"),
                 CLIPTextModel.from_pretrained(model, subfolder="text_encoder"),
                 UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
                 DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                        sample_size=RESOLUTION)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                                                num_hidden_layers=12, num_attention_heads=12,
-                                                max_position_embeddings=77, hidden_act="quick_gelu"))
-    unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 8, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+    with tempfile.TemporaryDirectory() as folder:
+        unet, vae, text_encoder = sd1_architecture.build_networks("sd14", sd1_architecture.char_tokenizer(Path(folder)))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000)
     return vae, text_encoder, unet, scheduler
