@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -357,6 +358,7 @@ def train_steps(diffusion, training_diffusion, state: TrainState, batches, accel
     loss plot, the sample figures and last.ckpt. training_diffusion wraps the same weights in
     DDP and autocast; diffusion is what is saved and sampled."""
     network, device = diffusion.network, accelerator.device
+    interval_start, interval_first_step = time.perf_counter(), state.step
     with tqdm(initial=state.step, total=args.train_num_steps, disable=not accelerator.is_main_process) as pbar:
         while state.step < args.train_num_steps:
             step_loss = 0.0
@@ -378,12 +380,20 @@ def train_steps(diffusion, training_diffusion, state: TrainState, batches, accel
             pbar.update(1)
 
             if state.step % args.log_interval == 0 or state.step == args.train_num_steps:
+                saving_start = time.perf_counter()
                 rng_states = gather_object([rng_state()])  # every process's, in process order
                 if accelerator.is_main_process:
                     save_loss_plot(state.losses, save_dir / "loss.png")
                     save_samples(state.ema_network or network, diffusion, args, num_classes, state.step, save_dir)
                     save_checkpoint(diffusion, state, rng_states, accelerator, args, save_dir / "last.ckpt")
                 accelerator.wait_for_everyone()
+                now = time.perf_counter()
+                seconds_per_step = (saving_start - interval_start) / (state.step - interval_first_step)
+                if accelerator.is_main_process:
+                    tqdm.write(f"step {state.step}: loss {state.losses[-1]:.4f}, {seconds_per_step:.3f} s per "
+                               f"training step (mean of the last {state.step - interval_first_step}); samples "
+                               f"and checkpoint {now - saving_start:.1f} s")
+                interval_start, interval_first_step = now, state.step
 
 
 def main(args):
@@ -444,6 +454,13 @@ def remove_stale_temporary_checkpoints(save_dir: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def default_num_workers() -> int:
+    """The course's 4 DataLoader workers, fewer on a machine with fewer cores: more would only wait for
+    a core, and torch warns that they may freeze. The images do not depend on it (no random transforms)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
 def parse_args(argv=None):
     may_change = ", ".join("--" + name for name in RESUME_MAY_CHANGE if name not in ("save_dir", "resume"))
     parser = ArgumentParser(description="Train a DDPM on AFHQ (or any folder in AFHQ's layout), on one device or, "
@@ -487,7 +504,9 @@ def parse_args(argv=None):
     parser.add_argument("--attn", type=int, nargs="*", default=[1], help="UNet levels with self-attention")
     parser.add_argument("--num_res_blocks", type=int, default=4, help="UNet residual blocks per level")
     parser.add_argument("--dropout", type=float, default=0.1, help="UNet dropout")
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes (per process)")
+    parser.add_argument("--num_workers", type=int, default=default_num_workers(),
+                        help="DataLoader worker processes per process (default: the course's 4, or the number "
+                             "of CPU cores where fewer)")
 
     extra = parser.add_argument_group("beyond the course (GPU speed, several GPUs)")
     extra.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
