@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(abspath $(VENV))/bin/python
 STAMP := $(VENV)/.installed-requirements
 
-.PHONY: demo image-demo test venv report submission
+.PHONY: demo image-demo test venv report submission rehearsal
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ image-demo: $(STAMP)
 # so, and threads of two workers would only wait on each other).
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n auto --maxprocesses 4 --dist loadfile tests
+
+# Every command of the assignment at its real size (the course's UNet and batch, SD 1.4 at 512 px) on
+# random weights and synthetic data, in a temporary folder: time, peak memory and output sizes per stage,
+# and the full jobs' projected hours, into report/rehearsal_<device>.json (about 40 minutes on 2 CPU
+# cores; on a GPU it adds fp16, bf16 and gradient checkpointing). REHEARSAL_FLAGS passes flags on (--help).
+rehearsal: $(STAMP)
+	$(PYTHON) benchmarks/rehearsal.py $(REHEARSAL_FLAGS)
 
 # The report: report/report_template.md filled from the results files (yours when they exist:
 # task1/image_diffusion_todo/results/fid_grid/results.json, task2/runs/*/validation/) ->

@@ -479,6 +479,61 @@ def generated(kind, run_dir):
 # ------------------------------------------------------------------------------------------------
 # Template -> markdown
 
+# ------------------------------------------------------------------------------------------------
+# The rehearsal at real size (benchmarks/rehearsal.py)
+
+REHEARSAL_RESULTS = [REPORT_DIR / "rehearsal_cpu.json", REPORT_DIR / "rehearsal_cuda.json"]
+REHEARSAL_RATES = [("seconds_per_step", "s per training step"), ("seconds_per_image_call", "s per image and network call"),
+                   ("projected_seconds_per_image", "s per image (all T steps)"), ("seconds_per_image", "s per image")]
+REHEARSAL_OUTPUTS = [("checkpoint_mb", "checkpoint {} MB"), ("lora_file_mb", "LoRA file {} MB"),
+                     ("eval_images", "{} eval images"), ("images", "{} images"), ("class_images", "{} class images"),
+                     ("fid", "FID {:.3g} (random weights)"), ("model_gb", "model {} GB"), ("image_grids", "{} image grids"),
+                     ("largest_file_mb", "largest file {} MB")]
+PROJECTED_JOBS = {
+    "train_100k_steps": "train.py, the course's 100,000 steps (training steps only)",
+    "train_100k_steps_sample_grids_and_checkpoints": "its 500 sample grids and checkpoints (at the rehearsal's "
+                                                     "--sample_method ddim; the default DDPM grid makes 20x the calls)",
+    "fid_grid_sampling_21_cells_500_images": "sampling the FID grid: 21 cells x 500 images (5,720 calls per image)",
+    "fid_grid_scoring": "scoring it: 22 folders of 500 images through Inception-v3",
+    "lora_naruto_course_run": "train_lora.sh (1,221 images x 100 epochs, validation every epoch)",
+    "lora_custom_course_run": "train_lora_custom.sh (4 images x 100 epochs)",
+    "dreambooth_course_run": "train_dreambooth_lora.sh (500 steps)",
+}
+
+
+def rehearsal_runs():
+    return [read_json(path) for path in REHEARSAL_RESULTS if path.exists()]
+
+
+def rehearsal_cells(figures, names):
+    return ", ".join(template.format(figures[key]) for key, template in names if figures.get(key) is not None)
+
+
+def rehearsal_rate(figures):
+    return "; ".join(f"{figures[key]:.3g} {unit}" for key, unit in REHEARSAL_RATES if figures.get(key))
+
+
+def rehearsal_table():
+    """A table per rehearsal run: per stage its seconds, rate, peak memory and outputs; then the
+    projected hours of the course's full jobs."""
+    parts = []
+    for run in rehearsal_runs():
+        memory = "CUDA max allocated" if run["device"] == "cuda" else "peak RSS"
+        rows = []
+        for stage in run["stages"]:
+            figures = stage.get("figures", {})
+            peak = figures.get("cuda_max_allocated_gib", figures.get("peak_rss_gib"))
+            rows.append([f"`{stage['name']}`", stage["task"], stage.get("seconds", "failed"),
+                         rehearsal_rate(figures) + (" (stopped early)" if stage.get("stopped_early") else ""),
+                         "" if peak is None else f"{peak:.2f}", rehearsal_cells(figures, REHEARSAL_OUTPUTS)])
+        jobs = [[PROJECTED_JOBS.get(name, name), f"{hours:.3g}"] for name, hours in run["projected_hours"].items()]
+        parts += [f"**{run['machine']}**, `{run['command'].strip()}`: {run['total_seconds'] / 60:.1f} minutes in all, "
+                  f"{run['train_steps']} training steps per run.",
+                  table(["Stage", "Task", "Seconds", "Rate", f"{memory} (GiB)", "Output"], rows),
+                  table(["The course's full job", "Projected hours on this machine"], jobs)]
+    return "\n\n".join(parts) if parts else placeholder("the rehearsal", "make rehearsal")
+
+
 def fill_values(args):
     image = ImageResults(args.grid_results)
     seeds = course_seeds()
@@ -518,6 +573,7 @@ def fill_values(args):
         "task2_2_training": lambda: training_grid("dreambooth", args.dreambooth_data, args.out_md.parent / "figures"),
         "task2_1_generated": lambda: generated("lora", args.lora_run),
         "task2_2_generated": lambda: generated("dreambooth", args.dreambooth_run),
+        "rehearsal_table": rehearsal_table,
     }
 
 
