@@ -32,7 +32,7 @@ test: $(STAMP)
 
 # Every command of the assignment at its real size (the course's UNet and batch, SD 1.4 at 512 px) on
 # random weights and synthetic data, in a temporary folder: time, peak memory and output sizes per stage,
-# and the full jobs' projected hours, into report/rehearsal_<device>.json (about 40 minutes on 2 CPU
+# and the full jobs' projected hours, into report/rehearsal_<device>.json (about 30 minutes on 2 CPU
 # cores; on a GPU it adds fp16, bf16 and gradient checkpointing). REHEARSAL_FLAGS passes flags on (--help).
 rehearsal: $(STAMP)
 	$(PYTHON) benchmarks/rehearsal.py $(REHEARSAL_FLAGS)

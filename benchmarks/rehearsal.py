@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +56,7 @@ AFHQ_CLASSES = ("cat", "dog", "wild")
 COURSE_TRAIN_STEPS = 100_000  # train.py's default --train_num_steps
 COURSE_LOG_INTERVAL = 200  # train.py's default --log_interval: a sample grid and last.ckpt each time
 COURSE_NUM_SAMPLES = 500  # sampling.py's default --num_samples, per FID cell
+SAMPLING_BATCH = 64  # sampling.py's default --batch_size
 # The course's FID grid: DDPM (T calls), and DDIM with S in {10, 20, 50, 100, 1000} x eta in {0, 0.2, 0.5, 1}.
 GRID_CALLS_PER_IMAGE = 1000 + 4 * (10 + 20 + 50 + 100 + 1000)
 GRID_CELLS = 1 + 5 * 4
@@ -75,7 +76,7 @@ class Scale:
     train_per_class: int
     val_images: int  # the FID folders' size (the course's eval folder: 500)
     train_flags: tuple = ()  # train.py beyond the rehearsal's own flags: none is the course's model and batch
-    sampling_flags: tuple = ()  # none: sampling.py's default --batch_size 64
+    sampling_batch: int | None = None  # sampling.py --batch_size; None: its default, 64
     fid_flags: tuple = ()
     sd: str = "sd14"  # benchmarks/sd1_architecture.py scale
     resolution: int = 512  # Task 2 --resolution
@@ -87,7 +88,7 @@ SCALES = {
                   train_flags=("--image_resolution", "16", "--ch", "32", "--ch_mult", "1", "2", "--attn", "1",
                                "--num_res_blocks", "1", "--batch_size", "4", "--num_diffusion_train_timesteps", "20",
                                "--num_workers", "0"),
-                  sampling_flags=("--batch_size", "4"), fid_flags=("--img_size", "75", "--batch_size", "6"),
+                  sampling_batch=4, fid_flags=("--img_size", "75", "--batch_size", "6"),
                   sd="tiny", resolution=32),
 }
 
@@ -113,13 +114,11 @@ class Rehearsal:
     """The settings of one rehearsal and its temporary folder; runs each stage's commands."""
     device: str
     scale: Scale
-    scale_name: str
     work: Path
     train_steps: int
     sampling_calls: int
     ddpm_steps: int  # DDPM sampling is stopped after these of its T steps
     variants: tuple
-    stages: list = field(default_factory=list)
 
     # -- running a command ------------------------------------------------------------------------
 
@@ -138,9 +137,8 @@ class Rehearsal:
 
     def shown(self, argv):
         """The command as the results file shows it: no machine's absolute paths."""
-        text = shlex.join(str(a) for a in argv)
-        return (text.replace(str(self.work), "$WORK").replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
-                .replace(sys.executable, "python"))
+        text = shlex.join(str(a) for a in argv).replace(sys.executable, "python").replace(str(self.work), "$WORK")
+        return text.replace(str(ROOT) + "/", "").replace(str(ROOT), ".")
 
     def run(self, name, argv, cwd, env=None, stop=None):
         """Run ``argv`` in ``cwd``, its output into WORK/logs/<name>.log. ``stop(log_text)`` (optional) is
@@ -311,6 +309,8 @@ def peak_memory(runs) -> dict:
     if cuda:
         figures["cuda_max_allocated_gib"] = round(max(cuda) / GIB, 2)
     return figures
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -355,10 +355,12 @@ def stage_train_resume(r: Rehearsal):
 
 
 def sampling_args(r: Rehearsal, method, extra=()):
-    batch = int(dict(zip(r.scale.sampling_flags[::2], r.scale.sampling_flags[1::2])).get("--batch_size", 64))
+    """(save_dir, batch, sampling.py's flags): one batch of images with ``method``."""
+    batch = r.scale.sampling_batch or SAMPLING_BATCH
     save_dir = r.work / "samples" / method
+    batch_flag = ["--batch_size", batch] if r.scale.sampling_batch else []
     return save_dir, batch, ["--ckpt_path", r.work / "train" / "last.ckpt", "--save_dir", save_dir,
-                             "--sample_method", method, "--num_samples", batch, *r.scale.sampling_flags, *extra]
+                             "--sample_method", method, "--num_samples", batch, *batch_flag, *extra]
 
 
 def stage_sample_ddpm(r: Rehearsal):
@@ -413,8 +415,8 @@ WRAPPERS = {"lora_naruto": "train_lora.sh", "lora_custom": "train_lora_custom.sh
             "dreambooth": "train_dreambooth_lora.sh"}
 VARIANTS = {"fp16": ({"MIXED_PRECISION": "fp16"}, []), "bf16": ({"MIXED_PRECISION": "bf16"}, []),
             "gradient_checkpointing": ({}, ["--gradient_checkpointing"])}
-# Which wrapper runs again in which variant: train_lora.sh in each (its one-image data set validates
-# during training too), DreamBooth in fp16 (its class images are then drawn in fp16 as well).
+# Which wrapper runs again in which variant: train_lora.sh in each (its run validates during training
+# too), DreamBooth in fp16 (its class images are then drawn in fp16 as well).
 VARIANT_RUNS = [("lora_naruto", "fp16"), ("lora_naruto", "bf16"), ("lora_naruto", "gradient_checkpointing"),
                 ("dreambooth", "fp16")]
 
@@ -431,7 +433,7 @@ def stage_wrapper(r: Rehearsal, kind, variant=None):
         env["DATASET_NAME"] = str(r.work / "naruto")
         steps = max(steps, NARUTO_REHEARSAL_IMAGES + 1)  # a step past the first epoch, whose validation then runs
     if kind == "dreambooth":
-        env["CLASS_DIR"] = str(r.work / "class_images")
+        env["CLASS_DIR"] = str(r.work / "class_images" / name)  # each run draws its own, in its precision
         extra = ["--with_prior_preservation", "--class_prompt=a photo of a cat", "--num_class_images=2"]
     variant_env, variant_flags = VARIANTS.get(variant, ({}, []))
     env.update(variant_env)
@@ -445,7 +447,7 @@ def stage_wrapper(r: Rehearsal, kind, variant=None):
     figures = {"steps": steps, "seconds_per_step": tensorboard_step_seconds(output_dir / "logs"),
                "lora_file_mb": round(lora.stat().st_size / MB, 3), "validation_images": validation}
     if kind == "dreambooth":
-        figures["class_images"] = len(list((r.work / "class_images").iterdir()))
+        figures["class_images"] = len(list((r.work / "class_images" / name).iterdir()))
     return [run], figures
 
 
@@ -694,8 +696,8 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="rehearsal-"))
     (work / "logs").mkdir()
     (work / "memory").mkdir()
-    r = Rehearsal(args.device, SCALES[args.scale], args.scale, work, args.train_steps, args.sampling_calls,
-                  args.ddpm_steps, args.variants)
+    r = Rehearsal(args.device, SCALES[args.scale], work, args.train_steps, args.sampling_calls, args.ddpm_steps,
+                  args.variants)
     print(f"[rehearsal] {args.scale} scale on {args.device}, in {work}", flush=True)
     start = time.perf_counter()
     try:

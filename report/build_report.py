@@ -484,7 +484,8 @@ def generated(kind, run_dir):
 
 REHEARSAL_RESULTS = [REPORT_DIR / "rehearsal_cpu.json", REPORT_DIR / "rehearsal_cuda.json"]
 REHEARSAL_RATES = [("seconds_per_step", "s per training step"), ("seconds_per_image_call", "s per image and network call"),
-                   ("projected_seconds_per_image", "s per image (all T steps)"), ("seconds_per_image", "s per image")]
+                   ("projected_seconds_per_image", "s per image (all T steps)"), ("seconds_per_image", "s per image"),
+                   ("seconds_per_denoising_step", "s per denoising step (with guidance)")]
 REHEARSAL_OUTPUTS = [("checkpoint_mb", "checkpoint {} MB"), ("lora_file_mb", "LoRA file {} MB"),
                      ("eval_images", "{} eval images"), ("images", "{} images"), ("class_images", "{} class images"),
                      ("fid", "FID {:.3g} (random weights)"), ("model_gb", "model {} GB"), ("image_grids", "{} image grids"),
@@ -518,7 +519,7 @@ def rehearsal_table():
     projected hours of the course's full jobs."""
     parts = []
     for run in rehearsal_runs():
-        memory = "CUDA max allocated" if run["device"] == "cuda" else "peak RSS"
+        memory = "CUDA max allocated" if run["device"] == "cuda" else "Peak RSS"
         rows = []
         for stage in run["stages"]:
             figures = stage.get("figures", {})
@@ -526,7 +527,7 @@ def rehearsal_table():
             rows.append([f"`{stage['name']}`", stage["task"], stage.get("seconds", "failed"),
                          rehearsal_rate(figures) + (" (stopped early)" if stage.get("stopped_early") else ""),
                          "" if peak is None else f"{peak:.2f}", rehearsal_cells(figures, REHEARSAL_OUTPUTS)])
-        jobs = [[PROJECTED_JOBS.get(name, name), f"{hours:.3g}"] for name, hours in run["projected_hours"].items()]
+        jobs = [[PROJECTED_JOBS.get(name, name), f"{hours:,.1f}"] for name, hours in run["projected_hours"].items()]
         parts += [f"**{run['machine']}**, `{run['command'].strip()}`: {run['total_seconds'] / 60:.1f} minutes in all, "
                   f"{run['train_steps']} training steps per run.",
                   table(["Stage", "Task", "Seconds", "Rate", f"{memory} (GiB)", "Output"], rows),

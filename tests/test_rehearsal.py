@@ -156,7 +156,7 @@ def test_a_stopped_command_is_interrupted_even_when_started_with_sigint_ignored(
     The runner restores Ctrl-C, so the command stops at once and its memory record is still written."""
     import signal
 
-    r = rehearsal.Rehearsal("cpu", rehearsal.SCALES["tiny"], "tiny", tmp_path, 2, 2, 3, ())
+    r = rehearsal.Rehearsal("cpu", rehearsal.SCALES["tiny"], tmp_path, 2, 2, 3, ())
     (tmp_path / "logs").mkdir()
     (tmp_path / "memory").mkdir()
     counting = "import time\nfor i in range(600):\n    print('step', i, flush=True)\n    time.sleep(0.1)"
@@ -168,3 +168,24 @@ def test_a_stopped_command_is_interrupted_even_when_started_with_sigint_ignored(
     assert run.stopped_early and run.returncode != 0 and run.seconds < 20
     assert "step 3" in run.log and "step 599" not in run.log
     assert run.peak_rss_bytes > 0
+
+
+def test_readme_and_report_figures_come_from_the_committed_cpu_rehearsal():
+    results = json.loads((ROOT / "report" / "rehearsal_cpu.json").read_text())
+    assert results["scale"] == "full" and all(stage["ok"] for stage in results["stages"])
+    assert all(bound["met"] for bound in results["bounds"])
+    figures, hours = figures_of(results), results["projected_hours"]
+    train, custom, dreambooth = figures["train"], figures["lora_custom"], figures["dreambooth"]
+    task2_peak = max(figures[kind]["peak_rss_gib"] for kind in ("lora_naruto", "lora_custom", "dreambooth"))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for text in [f"takes {train['seconds_per_step']:.0f} s per step at batch 16",
+                 f"would take {hours['train_100k_steps']:,.0f} hours here",
+                 f"at a peak RSS of {train['peak_rss_gib']:.1f} GiB",
+                 f"{figures['sample_ddim']['seconds_per_image_call']:.2f} s per image and network call at batch 64",
+                 f"a LoRA step at 512 px takes {custom['seconds_per_step']:.0f} s (DreamBooth with prior "
+                 f"preservation: {dreambooth['seconds_per_step']:.0f} s) at up to {task2_peak:.1f} GiB",
+                 f"each LoRA file is {custom['lora_file_mb']:.1f} MB",
+                 f"about {results['total_seconds'] / 60:.0f} minutes on 2 cores"]:
+        assert text in readme, text
+    report = (ROOT / "report" / "report.md").read_text()
+    assert f"{results['total_seconds'] / 60:.1f} minutes in all" in report
