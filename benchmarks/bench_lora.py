@@ -8,8 +8,8 @@ encode, text encoder, UNet forward and backward with rank-4 LoRA on the attentio
 AdamW step; 512x512, batch 1. "fp32" is the course's --mixed_precision=no; "fp16" is
 --mixed_precision=fp16 (frozen weights in half precision, autocast, loss scaling, LoRA in fp32).
 Each precision runs in its own process, so that its peak memory is its own. Without --model the
-networks are built from SD 1.4's configurations (benchmarks/sd1_architecture.py) with random weights: memory and time do not depend
-on the values of the weights, and no download is needed.
+networks are built from SD 1.4's configurations (benchmarks/sd1_architecture.py) with random weights:
+memory and time do not depend on the values of the weights, and no download is needed.
 
 Bounds (exit status 1 when one is missed):
 1. fp16 peak memory <= 11 GiB, the figure the diffusers documentation gives for LoRA on SD 1.x
@@ -56,8 +56,8 @@ def sd1_models(model):
                 DDPMScheduler.from_pretrained(model, subfolder="scheduler"))
     with tempfile.TemporaryDirectory() as folder:
         unet, vae, text_encoder = sd1_architecture.build_networks("sd14", sd1_architecture.char_tokenizer(Path(folder)))
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000)
+    betas = {name: sd1_architecture.SD1_SCHEDULER[name] for name in ("beta_start", "beta_end", "beta_schedule")}
+    scheduler = DDPMScheduler(**betas, num_train_timesteps=1000)
     return vae, text_encoder, unet, scheduler
 
 

@@ -120,6 +120,15 @@ class Rehearsal:
     ddpm_steps: int  # DDPM sampling is stopped after these of its T steps
     variants: tuple
 
+    @property
+    def model_dir(self):
+        """The Stable Diffusion folder the sd_model stage writes."""
+        return self.work / f"{self.scale.sd}-sd"
+
+    def run_dir(self, name):
+        """OUTPUT_DIR of the Task 2 run ``name``."""
+        return self.work / "runs" / name
+
     # -- running a command ------------------------------------------------------------------------
 
     def env(self, name, extra=None):
@@ -407,8 +416,7 @@ def stage_fid(r: Rehearsal):
 
 def stage_sd_model(r: Rehearsal):
     run = r.python("sd_model", Path(__file__).with_name("sd1_architecture.py"), [r.work, "--scale", r.scale.sd], ROOT)
-    model = r.work / f"{r.scale.sd}-sd"
-    return [run], {"model_gb": round(folder_bytes(model) / 1e9, 2)}
+    return [run], {"model_gb": round(folder_bytes(r.model_dir) / 1e9, 2)}
 
 
 WRAPPERS = {"lora_naruto": "train_lora.sh", "lora_custom": "train_lora_custom.sh",
@@ -424,8 +432,8 @@ VARIANT_RUNS = [("lora_naruto", "fp16"), ("lora_naruto", "bf16"), ("lora_naruto"
 def stage_wrapper(r: Rehearsal, kind, variant=None):
     """One of task2/scripts/*.sh with `sh`, the course's flags plus a short run's."""
     name = kind if variant is None else f"{kind}_{variant}"
-    output_dir = r.work / "runs" / name
-    env = {"MODEL_NAME": str(r.work / f"{r.scale.sd}-sd"), "OUTPUT_DIR": str(output_dir)}
+    output_dir = r.run_dir(name)
+    env = {"MODEL_NAME": str(r.model_dir), "OUTPUT_DIR": str(output_dir)}
     steps, extra = r.train_steps, []
     if kind == "lora_naruto":
         if not (r.work / "naruto").exists():
@@ -452,11 +460,11 @@ def stage_wrapper(r: Rehearsal, kind, variant=None):
 
 
 def lora_runs(r: Rehearsal):
-    return [r.work / "runs" / kind for kind in WRAPPERS]
+    return [r.run_dir(kind) for kind in WRAPPERS]
 
 
 def stage_stock_pipeline(r: Rehearsal):
-    args = [r.work / f"{r.scale.sd}-sd", *lora_runs(r)]
+    args = [r.model_dir, *lora_runs(r)]
     run = r.run("stock_pipeline", [sys.executable, __file__, "--child_stock_pipeline", *args], ROOT)
     return [run], json.loads(run.log.strip().splitlines()[-1])
 
@@ -493,7 +501,7 @@ def child_stock_pipeline(model_dir, lora_dirs):
 
 def stage_notebook(r: Rehearsal):
     out = r.work / "notebook"
-    env = {"MODEL_NAME": str(r.work / f"{r.scale.sd}-sd"), "LORA_PATH": "|".join(map(str, lora_runs(r))),
+    env = {"MODEL_NAME": str(r.model_dir), "LORA_PATH": "|".join(map(str, lora_runs(r))),
            "PROMPTS": PROMPT, "NUM_INFERENCE_STEPS": "2"}
     run = r.run("notebook", [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
                              "lora_inference.ipynb", "--output-dir", out], TASK2_DIR, env=env)

@@ -477,9 +477,6 @@ def generated(kind, run_dir):
 
 
 # ------------------------------------------------------------------------------------------------
-# Template -> markdown
-
-# ------------------------------------------------------------------------------------------------
 # The rehearsal at real size (benchmarks/rehearsal.py)
 
 REHEARSAL_RESULTS = [REPORT_DIR / "rehearsal_cpu.json", REPORT_DIR / "rehearsal_cuda.json"]
@@ -534,6 +531,9 @@ def rehearsal_table():
                   table(["The course's full job", "Projected hours on this machine"], jobs)]
     return "\n\n".join(parts) if parts else placeholder("the rehearsal", "make rehearsal")
 
+
+# ------------------------------------------------------------------------------------------------
+# Template -> markdown
 
 def fill_values(args):
     image = ImageResults(args.grid_results)
